@@ -163,7 +163,7 @@ class TritonServer:
 
     def _get(self, path: str) -> int:
         try:
-            with urllib.request.urlopen(f"{self.http_url}{path}", timeout=2) as resp:  # noqa: S310 - loopback
+            with urllib.request.urlopen(f"{self.http_url}{path}", timeout=2) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)

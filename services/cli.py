@@ -1,0 +1,121 @@
+"""`llmmesh up` runs the whole mesh on this machine; `llmmesh generate` streams an answer from it."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from llmmesh.v1 import generation_pb2, generation_pb2_grpc
+
+__all__ = ["main"]
+
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence, then tell me one fact about it."
+
+
+def _generate(args: argparse.Namespace) -> int:
+    sampling = generation_pb2.SamplingParams(stop=args.stop or [])
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    request = generation_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling, model=args.model or "")
+    return stream_answer(args.address, request, args.timeout)
+
+
+def stream_answer(address: str, request: generation_pb2.GenerateRequest, timeout: float | None) -> int:
+    """Prints text as it arrives, then a summary line; returns a process exit code."""
+    names = generation_pb2.FinishReason.Name
+    with grpc.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        try:
+            for response in stub.Generate(request, timeout=timeout):
+                if response.HasField("chunk"):
+                    sys.stdout.write(response.chunk.text)
+                    sys.stdout.flush()
+                else:
+                    f = response.final
+                    print(
+                        f"\n[{names(f.finish_reason).removeprefix('FINISH_REASON_').lower()}"
+                        f"{' ' + f.filter_category if f.filter_category else ''}] "
+                        f"{f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} completion tokens, "
+                        f"first token {f.timings.time_to_first_token_ms:.0f} ms, total {f.timings.total_ms:.0f} ms",
+                        file=sys.stderr,
+                    )
+        except grpc.RpcError as exc:
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from llmmesh.launcher import SERVICES, Mesh, MeshPorts
+
+    ports = MeshPorts.free() if args.free_ports else MeshPorts.from_gateway(args.port)
+    mesh = Mesh(ports=ports, log_dir=Path(args.log_dir))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting Triton and {', '.join(SERVICES)} (logs in {mesh.log_dir}/) ...", file=sys.stderr)
+    started = time.monotonic()
+    try:
+        mesh.start()
+        print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        assert mesh.triton is not None
+        print(f"  triton       grpc {mesh.triton.grpc_url}  http {mesh.triton.http_url}", file=sys.stderr)
+        for name in SERVICES:
+            print(f"  {name:<12} {mesh.address(name)}  (pid {mesh.procs[name].pid})", file=sys.stderr)
+        print(f"gateway (public API): {mesh.address('gateway')}", file=sys.stderr)
+        if args.demo is not None:
+            prompt = args.demo or DEMO_PROMPT
+            print(f"\ndemo> {prompt}", file=sys.stderr)
+            request = generation_pb2.GenerateRequest(
+                prompt=prompt, sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=96)
+            )
+            stream_answer(mesh.address("gateway"), request, timeout=120)
+        if args.exit_after_demo:
+            return 0
+        print("\nserving; Ctrl-C stops everything", file=sys.stderr)
+        stop.wait()
+        return 0
+    finally:
+        codes = mesh.stop()
+        print(f"stopped: {codes}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmmesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run Triton and the four services on loopback until Ctrl-C")
+    up.add_argument("--port", type=int, default=50051, help="gateway port (stages use the next three)")
+    up.add_argument("--free-ports", action="store_true", help="pick free ports for everything")
+    up.add_argument("--log-dir", default=".llmmesh/logs", help="one log file per process")
+    up.add_argument("--demo", nargs="?", const="", default=None, help="stream a demo answer once ready")
+    up.add_argument("--exit-after-demo", action="store_true", help="stop everything after the demo")
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="stream an answer from a running mesh")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:50051", help="the gateway")
+    gen.add_argument("--model", default="")
+    gen.add_argument("--max-tokens", type=int, dest="max_tokens")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float, dest="top_p")
+    gen.add_argument("--top-k", type=int, dest="top_k")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    gen.set_defaults(func=_generate)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Domain code raises these (it never imports grpc); `StatusInterceptor` turns them into statuses with a
+message that names the problem. Errors from a downstream stage keep their code and message. Only the
+unexpected becomes INTERNAL, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from llmmesh.common.logging import get_logger
+
+__all__ = [
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "LlmmeshError",
+    "ResourceExhausted",
+    "StatusInterceptor",
+    "Unavailable",
+]
+
+log = get_logger(__name__)
+
+
+class LlmmeshError(Exception):
+    """Base of the errors that carry a gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(LlmmeshError):
+    """Bad input; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class ResourceExhausted(LlmmeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(LlmmeshError):
+    """A dependency (Triton, a stage) cannot be reached or was lost mid-stream."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(LlmmeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(exc, LlmmeshError):
+        return exc.code, str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # A stage's status passes through unchanged: its message already names the problem.
+        return exc.code(), exc.details() or exc.code().name
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    mapped = _status_of(exc)
+    if mapped is None:
+        log.exception("unexpected_error", method=_method(context))
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    else:
+        code, message = mapped
+        log.info("request_failed", code=code.name, message=message, method=_method(context))
+        await context.abort(code, message)
+
+
+def _method(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context._rpc_event.call_details.method.decode())  # type: ignore[attr-defined]
+    except AttributeError:
+        return "?"
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapped
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Applies the error table to every RPC of a server."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith("/grpc."):
+            return handler
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))  # type: ignore[attr-defined]
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))  # type: ignore[attr-defined]
+        if handler.stream_stream:
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))  # type: ignore[attr-defined]
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))  # type: ignore[attr-defined]
+        return handler

@@ -1,0 +1,121 @@
+"""The lifecycle every service shares: build a grpc.aio server, serve on uvloop, drain on SIGTERM.
+
+A service's `server.py` calls `build_server` with its servicers; its `__main__` calls `run_service`.
+Health (`grpc.health.v1`) starts NOT_SERVING; the service flips it to SERVING once warmed up, and
+`drain` turns it NOT_SERVING at once, refuses new calls and lets in-flight streams finish within the
+grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmmesh.common.errors import StatusInterceptor
+from llmmesh.common.logging import configure_logging, get_logger
+from llmmesh.common.settings import ServiceSettings
+
+__all__ = ["Service", "build_server", "channel", "grpc_options", "run_service"]
+
+log = get_logger(__name__)
+
+
+def grpc_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def channel(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
+    """One long-lived channel per downstream stage, reused by every request."""
+    return grpc.aio.insecure_channel(target, options=grpc_options(settings))
+
+
+@dataclass
+class Service:
+    """A built (not yet started) server and the knobs its lifecycle needs."""
+
+    name: str
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+    # Run after the server stopped: close channels and clients.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Background tasks (health watchers) cancelled at shutdown.
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.server.start()
+        log.info("listening", port=self.port)
+
+    async def drain(self, grace: float) -> None:
+        """Stops taking calls and lets the in-flight ones finish for up to `grace` seconds."""
+        log.info("draining", grace_seconds=grace)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for close in self.closers:
+            await close()
+        log.info("stopped")
+
+
+def build_server(
+    name: str,
+    settings: ServiceSettings,
+    service_names: Sequence[str],
+    add_servicers: Callable[[grpc.aio.Server], None],
+) -> Service:
+    """A server with the status interceptor, health, reflection and size limits, bound to its port."""
+    server = grpc.aio.server(interceptors=[StatusInterceptor()], options=grpc_options(settings))
+    add_servicers(server)
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = tuple(service_names)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"{name}: cannot bind {settings.host}:{settings.port}")
+    return Service(name=name, server=server, port=port, health=servicer, service_names=names)
+
+
+async def _serve(name: str, settings: ServiceSettings, create: Callable[[], Awaitable[Service]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    service = await create()
+    await service.start()
+    log.info("serving", address=f"{settings.host}:{service.port}")
+    await stop.wait()
+    await service.drain(settings.grace_seconds)
+
+
+def run_service(name: str, settings: ServiceSettings, create: Callable[[], Awaitable[Service]]) -> None:
+    """Entry point body: logging, then the server on a uvloop event loop until SIGTERM or SIGINT."""
+    configure_logging(name, settings.log_level)
+    uvloop.run(_serve(name, settings, create))

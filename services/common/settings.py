@@ -1,0 +1,27 @@
+"""Settings shared by every service, read once from the environment at start.
+
+Each service subclasses `ServiceSettings` with its own prefix (`LLMMESH_GATEWAY_`, ...). Nothing reads
+the environment at import time: `Settings()` is called by the entry point and passed down.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServiceSettings"]
+
+
+class ServiceSettings(BaseSettings):
+    """What every llmmesh service understands, under its own prefix."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    # 0 picks a free port; the bound port is logged in the `serving` event.
+    port: int = Field(default=0, ge=0, le=65535)
+    log_level: str = "info"
+    # In-flight streams get this long to finish after SIGTERM; keep it below the orchestrator's stop period.
+    grace_seconds: float = Field(default=10.0, ge=0)
+    # Largest gRPC message accepted or sent, in bytes.
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

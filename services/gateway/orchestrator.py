@@ -1,0 +1,207 @@
+"""The gateway's work: one request through preprocess, infer and postprocess, relayed as it streams.
+
+    client ─► Prepare (preprocess) ─► Generate (infer, token ids) ──► Process (postprocess, text) ─► client
+
+A pump task moves token ids from infer into postprocess while the caller reads text from postprocess.
+When postprocess ends the stream early (stop string, content filter), or the client goes away, the
+infer call is cancelled, which cancels the Triton request. Every call gets the time that remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from llmmesh.common.errors import DeadlineExceeded, Unavailable
+from llmmesh.common.logging import get_logger
+from llmmesh.stages.v1 import (
+    infer_pb2,
+    infer_pb2_grpc,
+    postprocess_pb2,
+    postprocess_pb2_grpc,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+)
+from llmmesh.v1 import generation_pb2
+
+__all__ = ["Orchestrator", "Stages"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Stages:
+    preprocess: preprocess_pb2_grpc.PreprocessServiceStub
+    infer: infer_pb2_grpc.InferServiceStub
+    postprocess: postprocess_pb2_grpc.PostprocessServiceStub
+
+
+class _Deadline:
+    def __init__(self, seconds: float | None) -> None:
+        self._at = None if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float | None:
+        if self._at is None:
+            return None
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded")
+        return left
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000.0, 3)
+
+
+class Orchestrator:
+    def __init__(self, stages: Stages) -> None:
+        self._stages = stages
+
+    async def generate(
+        self, request: generation_pb2.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        started = time.monotonic()
+        deadline = _Deadline(timeout)
+        request_id = request.request_id or uuid.uuid4().hex
+        if not request.request_id:
+            named = generation_pb2.GenerateRequest()
+            named.CopyFrom(request)
+            named.request_id = request_id
+            request = named
+
+        prepared: preprocess_pb2.PrepareResponse = await self._stages.preprocess.Prepare(
+            preprocess_pb2.PrepareRequest(request=request), timeout=deadline.remaining()
+        )
+        infer_call = self._stages.infer.Generate(
+            infer_pb2.InferRequest(
+                request_id=request_id,
+                model=prepared.model,
+                input_ids=prepared.input_ids,
+                end_id=prepared.end_id,
+                pad_id=prepared.pad_id,
+                sampling=prepared.sampling,
+                stop_token_ids=prepared.stop_token_ids,
+            ),
+            timeout=deadline.remaining(),
+        )
+        handed_to_model = time.monotonic()
+        post_call = self._stages.postprocess.Process(timeout=deadline.remaining())
+        state = _PumpState()
+        pump = asyncio.create_task(self._pump(infer_call, post_call, prepared, state))
+        first_token_at: float | None = None
+        done: postprocess_pb2.Done | None = None
+        try:
+            async for response in post_call:
+                kind = response.WhichOneof("kind")
+                if kind == "delta":
+                    if first_token_at is None and response.delta.text:
+                        first_token_at = time.monotonic()
+                    yield generation_pb2.GenerateResponse(
+                        chunk=generation_pb2.Chunk(
+                            text=response.delta.text, token_ids=response.delta.token_ids
+                        )
+                    )
+                elif kind == "done":
+                    done = response.done
+                    break
+        except grpc.aio.AioRpcError:
+            if state.error is None:
+                raise
+        finally:
+            # Early end (stop string, content filter) or client gone: stop the generation now.
+            infer_call.cancel()
+            if done is not None:
+                post_call.cancel()
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        if state.error is not None:
+            raise state.error
+        if done is None:
+            raise Unavailable("postprocess ended the stream without a result")
+        if done.token_ids and done.finish_reason in (
+            generation_pb2.FINISH_REASON_STOP,
+            generation_pb2.FINISH_REASON_LENGTH,
+        ):
+            # Ids whose text was empty (e.g. a trailing special token) still belong to the answer.
+            yield generation_pb2.GenerateResponse(chunk=generation_pb2.Chunk(token_ids=done.token_ids))
+        finished = time.monotonic()
+        completion = state.completion_tokens or state.tokens_seen
+        yield generation_pb2.GenerateResponse(
+            final=generation_pb2.Final(
+                finish_reason=done.finish_reason,
+                usage=generation_pb2.Usage(
+                    prompt_tokens=len(prepared.input_ids), completion_tokens=completion
+                ),
+                timings=generation_pb2.Timings(
+                    queue_ms=_ms(started, handed_to_model),
+                    time_to_first_token_ms=_ms(started, first_token_at) if first_token_at else 0.0,
+                    total_ms=_ms(started, finished),
+                ),
+                request_id=request_id,
+                model=prepared.model,
+                matched_stop=done.matched_stop,
+                filter_category=done.filter_category,
+            )
+        )
+
+    async def _pump(
+        self,
+        infer_call: grpc.aio.UnaryStreamCall,
+        post_call: grpc.aio.StreamStreamCall,
+        prepared: preprocess_pb2.PrepareResponse,
+        state: _PumpState,
+    ) -> None:
+        try:
+            await post_call.write(
+                postprocess_pb2.ProcessRequest(
+                    start=postprocess_pb2.Start(
+                        request_id=prepared.request_id, model=prepared.model, stop=prepared.stop
+                    )
+                )
+            )
+            reason = generation_pb2.FINISH_REASON_UNSPECIFIED
+            async for response in infer_call:
+                if response.token_ids:
+                    state.tokens_seen += len(response.token_ids)
+                    await post_call.write(
+                        postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=response.token_ids))
+                    )
+                if response.finish_reason:
+                    reason = response.finish_reason
+                    state.completion_tokens = response.completion_tokens
+            if not reason:
+                raise Unavailable("infer ended the stream without a finish reason")
+            await post_call.write(
+                postprocess_pb2.ProcessRequest(end=postprocess_pb2.End(finish_reason=reason))
+            )
+            await post_call.done_writing()
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and post_call.done():
+                return  # postprocess already ended the stream; the generation was stopped on purpose
+            await self._abandon(post_call, state, exc)
+        except Exception as exc:
+            await self._abandon(post_call, state, exc)
+
+    @staticmethod
+    async def _abandon(post_call: grpc.aio.StreamStreamCall, state: _PumpState, exc: BaseException) -> None:
+        # Half-close postprocess without an End: it stops, the reader sees no Done and raises `exc`.
+        state.error = exc
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await post_call.done_writing()
+
+
+@dataclass
+class _PumpState:
+    tokens_seen: int = 0
+    completion_tokens: int = 0
+    error: BaseException | None = None

@@ -1,0 +1,192 @@
+"""Runs the whole mesh on one machine: Triton and the four services, each its own process on loopback.
+
+`llmmesh up` and the end-to-end tests both use `Mesh`. Processes are started in dependency order and
+stopped in reverse (gateway first, so no new work reaches the stages, Triton last), each by its PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmmesh.infer.triton_server import TritonServer
+
+__all__ = ["SERVICES", "Mesh", "MeshPorts", "free_port"]
+
+SERVICES = ("preprocess", "infer", "postprocess", "gateway")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class MeshPorts:
+    gateway: int = 50051
+    preprocess: int = 50052
+    infer: int = 50053
+    postprocess: int = 50054
+    triton_grpc: int = 8001
+    triton_http: int = 8000
+    triton_metrics: int = 8002
+
+    @classmethod
+    def from_gateway(cls, gateway: int) -> MeshPorts:
+        """The stages on the next three ports; Triton on its usual 8000-8002."""
+        return cls(gateway, gateway + 1, gateway + 2, gateway + 3)
+
+    @classmethod
+    def free(cls) -> MeshPorts:
+        return cls(*(free_port() for _ in range(7)))
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the launcher dies, so no service outlives a killed `llmmesh up`."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass
+class Mesh:
+    ports: MeshPorts = field(default_factory=MeshPorts)
+    log_dir: Path = field(default_factory=lambda: Path(".llmmesh/logs"))
+    # Extra environment for the services (LLMMESH_<SERVICE>_... settings).
+    env: Mapping[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    triton_models: tuple[str, ...] = ("smollm2",)
+    triton: TritonServer | None = field(default=None, init=False)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
+
+    def address(self, service: str) -> str:
+        return f"{self.host}:{getattr(self.ports, service)}"
+
+    def _service_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        p = self.ports
+        env.update(
+            {
+                "LLMMESH_PREPROCESS_HOST": self.host,
+                "LLMMESH_PREPROCESS_PORT": str(p.preprocess),
+                "LLMMESH_INFER_HOST": self.host,
+                "LLMMESH_INFER_PORT": str(p.infer),
+                "LLMMESH_INFER_TRITON_URL": f"{self.host}:{p.triton_grpc}",
+                "LLMMESH_POSTPROCESS_HOST": self.host,
+                "LLMMESH_POSTPROCESS_PORT": str(p.postprocess),
+                "LLMMESH_GATEWAY_HOST": self.host,
+                "LLMMESH_GATEWAY_PORT": str(p.gateway),
+                "LLMMESH_GATEWAY_PREPROCESS_URL": self.address("preprocess"),
+                "LLMMESH_GATEWAY_INFER_URL": self.address("infer"),
+                "LLMMESH_GATEWAY_POSTPROCESS_URL": self.address("postprocess"),
+                "HF_HUB_OFFLINE": "1",
+            }
+        )
+        env.update(self.env)
+        return env
+
+    def start_service(self, name: str) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"llmmesh.{name}"],
+                env=self._service_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def start(self, timeout: float = 180.0) -> None:
+        """Starts everything and returns once Triton is ready and all four services report SERVING."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.triton = TritonServer(
+            grpc_port=self.ports.triton_grpc,
+            http_port=self.ports.triton_http,
+            metrics_port=self.ports.triton_metrics,
+            models=self.triton_models,
+            host=self.host,
+            log_path=self.log_dir / "triton.log",
+        )
+        try:
+            self.triton.start()
+            for name in SERVICES:
+                self.start_service(name)
+            self.triton.wait_ready(timeout)
+            self.wait_serving(SERVICES, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_serving(self, services: tuple[str, ...] = SERVICES, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(services)
+        while pending:
+            for name in list(pending):
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+                if _serving(self.address(name)):
+                    pending.remove(name)
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not SERVING after {timeout:.0f} s: {', '.join(pending)}")
+            if pending:
+                time.sleep(0.2)
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop_service(self, name: str, timeout: float = 20.0) -> int | None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def stop(self) -> dict[str, int | None]:
+        """Stops the gateway first, then the stages, then Triton; returns each exit code."""
+        codes = {name: self.stop_service(name) for name in reversed(SERVICES)}
+        if self.triton is not None:
+            codes["triton"] = self.triton.stop()
+            self.triton = None
+        return codes
+
+    def __enter__(self) -> Mesh:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

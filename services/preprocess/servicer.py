@@ -1,0 +1,62 @@
+"""Preprocess gRPC servicer: proto ⇄ domain only."""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
+from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
+from llmmesh.v1 import generation_pb2
+
+__all__ = ["PreprocessServicer"]
+
+
+def _input_from_proto(req: generation_pb2.GenerateRequest) -> PrepareInput:
+    s = req.sampling
+    sampling = SamplingInput(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+    )
+    which = req.WhichOneof("input")
+    return PrepareInput(
+        request_id=req.request_id,
+        model=req.model,
+        prompt=req.prompt if which == "prompt" else None,
+        chat=tuple(ChatTurn(m.role, m.content) for m in req.chat.messages) if which == "chat" else None,
+        sampling=sampling,
+    )
+
+
+def _prepared_to_proto(p: Prepared) -> preprocess_pb2.PrepareResponse:
+    sampling = preprocess_pb2.ResolvedSampling(
+        max_tokens=p.sampling.max_tokens,
+        temperature=p.sampling.temperature,
+        top_p=p.sampling.top_p,
+        top_k=p.sampling.top_k,
+    )
+    if p.sampling.seed is not None:
+        sampling.seed = p.sampling.seed
+    return preprocess_pb2.PrepareResponse(
+        request_id=p.request_id,
+        model=p.model,
+        input_ids=p.input_ids,
+        end_id=p.end_id,
+        pad_id=p.pad_id,
+        sampling=sampling,
+        stop=p.stop,
+        stop_token_ids=[preprocess_pb2.TokenIds(ids=ids) for ids in p.stop_token_ids],
+    )
+
+
+class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
+    def __init__(self, preparer: Preparer) -> None:
+        self._preparer = preparer
+
+    async def Prepare(
+        self, request: preprocess_pb2.PrepareRequest, context: grpc.aio.ServicerContext
+    ) -> preprocess_pb2.PrepareResponse:
+        return _prepared_to_proto(self._preparer.prepare(_input_from_proto(request.request)))
