@@ -59,6 +59,38 @@ def _response(ids: list[int]) -> Any:
     )
 
 
+class _Stream:
+    """One request's token callback; returning True from it cancels the engine task at once."""
+
+    def __init__(self, model: TritonPythonModel, sender: Any, end_id: int, streaming: bool, stops: list) -> None:
+        self.model = model
+        self.sender: Any = sender
+        self.end_id = end_id
+        self.streaming = streaming
+        self.stops = stops
+        self.generated: list[int] = []
+        self.cancelled = False
+
+    def on_chunk(self, chunk: dict[str, Any]) -> bool:
+        sender = self.sender
+        if sender is None:
+            return True
+        if self.model._is_cancelled(sender):
+            self.cancelled = True
+            return True
+        choice = (chunk.get("choices") or [{}])[0]
+        content = (choice.get("logprobs") or {}).get("content") or []
+        new = [int(c["id"]) for c in content if int(c["id"]) != self.end_id]
+        if not new:
+            return False
+        generated = self.generated
+        generated.extend(new)
+        self.model._count_tokens(len(new))
+        if self.streaming:
+            self.model._send(sender, _response(new))
+        return any(len(s) <= len(generated) and tuple(generated[-len(s) :]) == s for s in self.stops)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
@@ -91,28 +123,50 @@ class TritonPythonModel:
         self._cancelled = requests.Metric(labels={**labels, "outcome": "cancelled"})
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        # The python backend (2.51) is not safe for concurrent calls into its IPC from several threads:
+        # concurrent custom-metric updates crashed tritonserver (SIGSEGV), and concurrent sends left the
+        # model impossible to unload. Every send and metric update takes this lock.
+        self._ipc = threading.Lock()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            thread = threading.Thread(target=self._generate, args=(request,), daemon=True)
+            # Handed over in a list so that the thread holds the only reference and drops it under the lock.
+            thread = threading.Thread(target=self._generate, args=([request],), daemon=True)
             with self._lock:
                 self._threads.add(thread)
             thread.start()
         return None
 
-    def _generate(self, request: Any) -> None:
+    def _is_cancelled(self, sender: Any) -> bool:
+        with self._ipc:
+            return bool(sender.is_cancelled())
+
+    def _count_tokens(self, n: int) -> None:
+        with self._ipc:
+            self._tokens.increment(n)
+
+    def _send(self, sender: Any, response: Any = None, flags: int = 0) -> None:
+        with self._ipc:
+            sender.send(response, flags=flags)
+
+    def _generate(self, holder: list[Any]) -> None:
+        request = holder.pop()
         sender = request.get_response_sender()
         try:
             self._run(request, sender)
-        except Exception as exc:  # noqa: BLE001 - any engine failure must reach the caller as an error
+        except Exception as exc:
             self._logger.log_error(f"generation failed: {exc!r}")
-            sender.send(
+            self._send(
+                sender,
                 pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
             )
         finally:
             with self._lock:
                 self._threads.discard(threading.current_thread())
+            # Destroying a request or its response sender talks to tritonserver too.
+            with self._ipc:
+                del request, sender
 
     def _run(self, request: Any, sender: Any) -> None:
         input_ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
@@ -136,41 +190,28 @@ class TritonPythonModel:
         if seed is not None:
             body["seed"] = int(seed.as_numpy().reshape(-1)[0]) & 0xFFFFFFFF
 
-        generated: list[int] = []
-        state = {"cancelled": False, "stopped": False}
-
-        def on_chunk(chunk: dict[str, Any]) -> bool:
-            if sender.is_cancelled():
-                state["cancelled"] = True
-                return True
-            choice = (chunk.get("choices") or [{}])[0]
-            content = (choice.get("logprobs") or {}).get("content") or []
-            new = [int(c["id"]) for c in content if int(c["id"]) != end_id]
-            if not new:
-                return False
-            self._tokens.increment(len(new))
-            generated.extend(new)
-            if streaming:
-                sender.send(_response(new))
-            if any(len(s) <= len(generated) and tuple(generated[-len(s):]) == s for s in stops):
-                state["stopped"] = True
-                return True
-            return False
-
-        self._server.handle_completions(body, on_chunk)
-        if state["cancelled"] or sender.is_cancelled():
-            self._cancelled.increment(1)
+        stream = _Stream(self, sender, end_id, streaming, stops)
+        try:
+            self._server.handle_completions(body, stream.on_chunk)
+        finally:
+            # The engine may keep a reference to the callback after it returns; holding the response
+            # sender past its final response keeps Triton from ever unloading the model.
+            sender_, stream.sender = stream.sender, None
+        generated = stream.generated
+        cancelled = stream.cancelled or self._is_cancelled(sender_)
+        with self._ipc:
+            (self._cancelled if cancelled else self._completed).increment(1)
+        if cancelled:
             self._logger.log_info(f"request cancelled after {len(generated)} tokens")
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        self._completed.increment(1)
-        if streaming:
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._send(sender_, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        elif streaming:
+            self._send(sender_, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         else:
-            sender.send(_response(generated), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._send(sender_, _response(generated), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self) -> None:
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
             thread.join(timeout=5)
+        del self._server
