@@ -23,10 +23,13 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/llmmesh up
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check services tests loadtest
-	$(VENV)/bin/mypy
+test: lint
 	$(VENV)/bin/pytest -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services tests loadtest triton_models
+	mkdir -p build/typecheck && ln -sfn ../../services build/typecheck/llmmesh
+	$(VENV)/bin/mypy
 
 protos: $(STAMP)
 	$(VENV)/bin/python setup.py -q build_protos

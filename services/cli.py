@@ -48,7 +48,7 @@ def stream_answer(address: str, request: generation_pb2.GenerateRequest, timeout
                         file=sys.stderr,
                     )
         except grpc.RpcError as exc:
-            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0
 

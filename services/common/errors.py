@@ -82,7 +82,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 
 def _method(context: grpc.aio.ServicerContext) -> str:
     try:
-        return str(context._rpc_event.call_details.method.decode())  # type: ignore[attr-defined]
+        return str(context._rpc_event.call_details.method.decode())
     except AttributeError:
         return "?"
 
@@ -124,11 +124,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith("/grpc."):
             return handler
         if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))  # type: ignore[attr-defined]
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))  # type: ignore[attr-defined]
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
         if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))  # type: ignore[attr-defined]
+            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))  # type: ignore[attr-defined]
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
         return handler

@@ -116,9 +116,7 @@ def load_model_assets(gguf_path: str | None = None) -> ModelAssets:
 
     byte_of = _byte_decoder()
     special_set = frozenset(special)
-    token_bytes = tuple(
-        b"" if i in special_set else bytes(byte_of[ch] for ch in tok) for i, tok in enumerate(tokens)
-    )
+    token_bytes = tuple(b"" if i in special_set else bytes(byte_of[ch] for ch in tok) for i, tok in enumerate(tokens))
     return ModelAssets(
         tokenizer=tokenizer,
         chat_template=str(_field(reader, "tokenizer.chat_template")),

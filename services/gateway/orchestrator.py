@@ -104,9 +104,7 @@ class Orchestrator:
                     if first_token_at is None and response.delta.text:
                         first_token_at = time.monotonic()
                     yield generation_pb2.GenerateResponse(
-                        chunk=generation_pb2.Chunk(
-                            text=response.delta.text, token_ids=response.delta.token_ids
-                        )
+                        chunk=generation_pb2.Chunk(text=response.delta.text, token_ids=response.delta.token_ids)
                     )
                 elif kind == "done":
                     done = response.done
@@ -137,9 +135,7 @@ class Orchestrator:
         yield generation_pb2.GenerateResponse(
             final=generation_pb2.Final(
                 finish_reason=done.finish_reason,
-                usage=generation_pb2.Usage(
-                    prompt_tokens=len(prepared.input_ids), completion_tokens=completion
-                ),
+                usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids), completion_tokens=completion),
                 timings=generation_pb2.Timings(
                     queue_ms=_ms(started, handed_to_model),
                     time_to_first_token_ms=_ms(started, first_token_at) if first_token_at else 0.0,
@@ -179,9 +175,7 @@ class Orchestrator:
                     state.completion_tokens = response.completion_tokens
             if not reason:
                 raise Unavailable("infer ended the stream without a finish reason")
-            await post_call.write(
-                postprocess_pb2.ProcessRequest(end=postprocess_pb2.End(finish_reason=reason))
-            )
+            await post_call.write(postprocess_pb2.ProcessRequest(end=postprocess_pb2.End(finish_reason=reason)))
             await post_call.done_writing()
         except asyncio.CancelledError:
             raise

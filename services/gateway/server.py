@@ -42,9 +42,7 @@ async def _stage_serving(channel_: grpc.aio.Channel) -> bool:
 async def _watch(service: Service, channels: dict[str, grpc.aio.Channel], interval: float) -> None:
     serving: bool | None = None
     while True:
-        states = dict(
-            zip(channels, await asyncio.gather(*map(_stage_serving, channels.values())), strict=True)
-        )
+        states = dict(zip(channels, await asyncio.gather(*map(_stage_serving, channels.values())), strict=True))
         ready = all(states.values())
         if ready != serving:
             serving = ready

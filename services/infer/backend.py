@@ -125,9 +125,7 @@ class TritonBackend:
             if not (await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2)).ready:
                 return False
             for triton_model in set(self._routes.values()):
-                reply = await self._stub.ModelReady(
-                    service_pb2.ModelReadyRequest(name=triton_model), timeout=2
-                )
+                reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=triton_model), timeout=2)
                 if not reply.ready:
                     return False
             return True
@@ -160,112 +158,6 @@ class TritonBackend:
             if not finished:
                 # The caller went away or Triton failed: cancel the Triton request at once.
                 call.cancel()
-
-    async def close(self) -> None: ...
-
-
-def stop_words_tensor(words: Sequence[Sequence[int]]) -> np.ndarray:
-    """TensorRT-LLM's [1, 2, K] words list: ids end to end, then cumulative end offsets padded with -1."""
-    flat = [i for w in words for i in w]
-    offsets = np.cumsum([len(w) for w in words]).tolist()
-    width = max(len(flat), 1)
-    arr = np.full((1, 2, width), -1, dtype=np.int32)
-    arr[0, 0, : len(flat)] = flat
-    arr[0, 1, : len(offsets)] = offsets
-    if not flat:
-        arr[0, 0, 0] = 0
-    return arr
-
-
-def _add(req: service_pb2.ModelInferRequest, name: str, datatype: str, value: np.ndarray) -> None:
-    tensor = req.inputs.add()
-    tensor.name = name
-    tensor.datatype = datatype
-    tensor.shape.extend(value.shape)
-    req.raw_input_contents.append(value.tobytes())
-
-
-def build_request(gen: Generation, triton_model: str) -> service_pb2.ModelInferRequest:
-    """The TensorRT-LLM backend's inputs for one streamed generation, batch size 1."""
-    req = service_pb2.ModelInferRequest(model_name=triton_model, id=gen.request_id)
-    req.parameters["triton_enable_empty_final_response"].bool_param = True
-    ids = np.asarray([gen.input_ids], dtype=np.int32)
-    _add(req, "input_ids", "INT32", ids)
-    _add(req, "input_lengths", "INT32", np.asarray([[ids.shape[1]]], dtype=np.int32))
-    _add(req, "request_output_len", "INT32", np.asarray([[gen.max_tokens]], dtype=np.int32))
-    _add(req, "end_id", "INT32", np.asarray([[gen.end_id]], dtype=np.int32))
-    _add(req, "pad_id", "INT32", np.asarray([[gen.pad_id]], dtype=np.int32))
-    _add(req, "streaming", "BOOL", np.asarray([[True]], dtype=bool))
-    _add(req, "temperature", "FP32", np.asarray([[gen.temperature]], dtype=np.float32))
-    _add(req, "runtime_top_k", "INT32", np.asarray([[gen.top_k]], dtype=np.int32))
-    _add(req, "runtime_top_p", "FP32", np.asarray([[gen.top_p]], dtype=np.float32))
-    _add(req, "exclude_input_in_output", "BOOL", np.asarray([[True]], dtype=bool))
-    if gen.seed is not None:
-        _add(req, "seed", "UINT64", np.asarray([[gen.seed]], dtype=np.uint64))
-    if gen.stop_token_ids:
-        _add(req, "stop_words_list", "INT32", stop_words_tensor(gen.stop_token_ids))
-    return req
-
-
-def _output_ids(response: service_pb2.ModelInferResponse) -> list[int]:
-    for i, out in enumerate(response.outputs):
-        if out.name == "output_ids":
-            return array("i", response.raw_output_contents[i]).tolist()
-    return []
-
-
-class TritonBackend:
-    """Streams generations from Triton; one ModelStreamInfer call per request, so cancel is per request."""
-
-    def __init__(self, url: str, routes: Mapping[str, str], options: Sequence[tuple[str, int]] = ()) -> None:
-        self._url = url
-        self._routes = dict(routes)
-        self._channel = grpc.aio.insecure_channel(url, options=list(options))
-        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-
-    def triton_model(self, model: str) -> str:
-        try:
-            return self._routes[model]
-        except KeyError:
-            raise InvalidArgument(
-                "model", f"unknown model {model!r}; served: {', '.join(sorted(self._routes))}"
-            ) from None
-
-    async def ready(self) -> bool:
-        try:
-            if not (await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2)).ready:
-                return False
-            for triton_model in set(self._routes.values()):
-                reply = await self._stub.ModelReady(
-                    service_pb2.ModelReadyRequest(name=triton_model), timeout=2
-                )
-                if not reply.ready:
-                    return False
-            return True
-        except grpc.aio.AioRpcError:
-            return False
-
-    async def generate(self, gen: Generation, timeout: float | None = None) -> AsyncIterator[list[int]]:
-        model = self.triton_model(gen.model)
-        call = self._stub.ModelStreamInfer(iter([build_request(gen, model)]), timeout=timeout)
-        try:
-            async for response in call:
-                if response.error_message:
-                    raise Unavailable(f"triton model {model} failed: {response.error_message}")
-                result = response.infer_response
-                ids = _output_ids(result)
-                if ids:
-                    yield ids
-                if result.parameters["triton_final_response"].bool_param:
-                    return
-            raise Unavailable(f"triton at {self._url} ended the stream before the final response")
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded("deadline exceeded while generating") from exc
-            raise Unavailable(f"triton at {self._url}: {exc.code().name}: {exc.details()}") from exc
-        finally:
-            # Idempotent; while the stream is open this cancels the Triton request at once.
-            call.cancel()
 
     async def close(self) -> None:
         await self._channel.close()

@@ -47,8 +47,6 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
             generated += len(ids)
             yield infer_pb2.InferResponse(token_ids=ids)
         reason = (
-            generation_pb2.FINISH_REASON_LENGTH
-            if generated >= gen.max_tokens
-            else generation_pb2.FINISH_REASON_STOP
+            generation_pb2.FINISH_REASON_LENGTH if generated >= gen.max_tokens else generation_pb2.FINISH_REASON_STOP
         )
         yield infer_pb2.InferResponse(finish_reason=reason, completion_tokens=generated)

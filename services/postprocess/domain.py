@@ -32,9 +32,7 @@ class Output:
 
 
 class TextPipeline:
-    def __init__(
-        self, token_bytes: Sequence[bytes], stops: Sequence[str], blocked: Sequence[BlockedTerm]
-    ) -> None:
+    def __init__(self, token_bytes: Sequence[bytes], stops: Sequence[str], blocked: Sequence[BlockedTerm]) -> None:
         self._detok = IncrementalDetokenizer(token_bytes)
         self._stops = StopMatcher(stops)
         self._blocklist = Blocklist(blocked)

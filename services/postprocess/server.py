@@ -38,9 +38,7 @@ def read_blocklist(path: Path) -> list[BlockedTerm]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         category, _, term = line.partition("\t")
-        terms.append(
-            BlockedTerm(term.strip(), category.strip()) if term else BlockedTerm(category.strip(), "blocked")
-        )
+        terms.append(BlockedTerm(term.strip(), category.strip()) if term else BlockedTerm(category.strip(), "blocked"))
     return terms
 
 

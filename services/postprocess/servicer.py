@@ -30,9 +30,7 @@ FINISH_TO_PROTO = {
 def _to_proto(out: Output) -> list[postprocess_pb2.ProcessResponse]:
     messages = []
     if out.text:
-        messages.append(
-            postprocess_pb2.ProcessResponse(delta=postprocess_pb2.Delta(text=out.text, token_ids=out.ids))
-        )
+        messages.append(postprocess_pb2.ProcessResponse(delta=postprocess_pb2.Delta(text=out.text, token_ids=out.ids)))
     if out.finish is not None:
         done = postprocess_pb2.Done(
             finish_reason=FINISH_TO_PROTO[out.finish],

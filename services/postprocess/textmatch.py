@@ -61,9 +61,7 @@ class Blocklist:
     def __init__(self, terms: Iterable[BlockedTerm]) -> None:
         self._terms = {t.term.casefold(): t.category for t in terms if t.term.strip()}
         alternatives = "|".join(re.escape(t) for t in sorted(self._terms, key=len, reverse=True))
-        self._pattern = (
-            re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE) if self._terms else None
-        )
+        self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE) if self._terms else None
         self._held = ""
 
     @property

@@ -89,9 +89,7 @@ class Preparer:
         model = req.model or self._default_model
         assets = self._models.get(model)
         if assets is None:
-            raise InvalidArgument(
-                "model", f"unknown model {model!r}; served: {', '.join(sorted(self._models))}"
-            )
+            raise InvalidArgument("model", f"unknown model {model!r}; served: {', '.join(sorted(self._models))}")
         sampling = self._resolve_sampling(req.sampling)
         stop = self._check_stop(req.sampling.stop)
         text = assets.render_chat(self._messages(req))
@@ -154,9 +152,7 @@ class Preparer:
     def _check_stop(self, stop: tuple[str, ...]) -> tuple[str, ...]:
         limits = self._limits
         if len(stop) > limits.max_stop_strings:
-            raise InvalidArgument(
-                "sampling.stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}"
-            )
+            raise InvalidArgument("sampling.stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}")
         for i, s in enumerate(stop):
             if not s:
                 raise InvalidArgument(f"sampling.stop[{i}]", "must not be empty")
