@@ -57,7 +57,13 @@ def _up(args: argparse.Namespace) -> int:
     from llmmesh.launcher import SERVICES, Mesh, MeshPorts
 
     ports = MeshPorts.free() if args.free_ports else MeshPorts.from_gateway(args.port)
-    mesh = Mesh(ports=ports, log_dir=Path(args.log_dir))
+    endpoint = args.otlp_endpoint.rstrip("/")
+    mesh = Mesh(
+        ports=ports,
+        log_dir=Path(args.log_dir),
+        otlp_endpoint=endpoint,
+        triton_trace_url=f"{endpoint}/v1/traces" if endpoint else "",
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -69,7 +75,13 @@ def _up(args: argparse.Namespace) -> int:
         assert mesh.triton is not None
         print(f"  triton       grpc {mesh.triton.grpc_url}  http {mesh.triton.http_url}", file=sys.stderr)
         for name in SERVICES:
-            print(f"  {name:<12} {mesh.address(name)}  (pid {mesh.procs[name].pid})", file=sys.stderr)
+            print(
+                f"  {name:<12} {mesh.address(name)}  (pid {mesh.procs[name].pid})  metrics {ports.metrics_url(name)}",
+                file=sys.stderr,
+            )
+        print(f"  triton metrics {mesh.triton.metrics_url}", file=sys.stderr)
+        if endpoint:
+            print(f"traces: OTLP/HTTP to {endpoint} (services and Triton)", file=sys.stderr)
         print(f"gateway (public API): {mesh.address('gateway')}", file=sys.stderr)
         if args.demo is not None:
             prompt = args.demo or DEMO_PROMPT
@@ -81,7 +93,10 @@ def _up(args: argparse.Namespace) -> int:
         if args.exit_after_demo:
             return 0
         print("\nserving; Ctrl-C stops everything", file=sys.stderr)
-        stop.wait()
+        # Wake up now and then: a signal delivered to one of grpc's threads only runs its Python
+        # handler when the main thread next executes bytecode.
+        while not stop.wait(0.2):
+            pass
         return 0
     finally:
         codes = mesh.stop()
@@ -98,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--log-dir", default=".llmmesh/logs", help="one log file per process")
     up.add_argument("--demo", nargs="?", const="", default=None, help="stream a demo answer once ready")
     up.add_argument("--exit-after-demo", action="store_true", help="stop everything after the demo")
+    up.add_argument(
+        "--otlp-endpoint",
+        default="",
+        help="trace every service and Triton to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318",
+    )
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="stream an answer from a running mesh")

@@ -6,8 +6,7 @@ stopped in reverse (gateway first, so no new work reaches the stages, Triton las
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import dataclasses
 import os
 import signal
 import socket
@@ -43,6 +42,11 @@ class MeshPorts:
     triton_grpc: int = 8001
     triton_http: int = 8000
     triton_metrics: int = 8002
+    # Prometheus endpoints of the four services.
+    gateway_metrics: int = 9464
+    preprocess_metrics: int = 9465
+    infer_metrics: int = 9466
+    postprocess_metrics: int = 9467
 
     @classmethod
     def from_gateway(cls, gateway: int) -> MeshPorts:
@@ -51,13 +55,10 @@ class MeshPorts:
 
     @classmethod
     def free(cls) -> MeshPorts:
-        return cls(*(free_port() for _ in range(7)))
+        return cls(*(free_port() for _ in dataclasses.fields(cls)))
 
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the launcher dies, so no service outlives a killed `llmmesh up`."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    def metrics_url(self, service: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{getattr(self, f'{service}_metrics')}/metrics"
 
 
 def _serving(address: str) -> bool:
@@ -77,6 +78,10 @@ class Mesh:
     env: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     triton_models: tuple[str, ...] = ("smollm2",)
+    # Tracing: the services' OTLP endpoint and protocol, and Triton's OTLP/HTTP traces URL; empty = off.
+    otlp_endpoint: str = ""
+    otlp_protocol: str = "http/protobuf"
+    triton_trace_url: str = ""
     triton: TritonServer | None = field(default=None, init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
 
@@ -101,8 +106,16 @@ class Mesh:
                 "LLMMESH_GATEWAY_INFER_URL": self.address("infer"),
                 "LLMMESH_GATEWAY_POSTPROCESS_URL": self.address("postprocess"),
                 "HF_HUB_OFFLINE": "1",
+                # The service drains and exits if this process dies (see common/server.py).
+                "LLMMESH_PARENT_PID": str(os.getpid()),
             }
         )
+        for name in SERVICES:
+            prefix = f"LLMMESH_{name.upper()}_"
+            env[f"{prefix}METRICS_PORT"] = str(getattr(p, f"{name}_metrics"))
+            if self.otlp_endpoint:
+                env[f"{prefix}OTLP_ENDPOINT"] = self.otlp_endpoint
+                env[f"{prefix}OTLP_PROTOCOL"] = self.otlp_protocol
         env.update(self.env)
         return env
 
@@ -116,7 +129,6 @@ class Mesh:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         self.procs[name] = proc
         return proc
@@ -131,6 +143,7 @@ class Mesh:
             models=self.triton_models,
             host=self.host,
             log_path=self.log_dir / "triton.log",
+            trace_url=self.triton_trace_url,
         )
         try:
             self.triton.start()

@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 
 from llmmesh.common.logging import get_logger
+from llmmesh.common.metrics import INFLIGHT_STREAMS, RPCS
 
 __all__ = [
     "DeadlineExceeded",
@@ -69,45 +70,64 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
     mapped = _status_of(exc)
     if mapped is None:
-        log.exception("unexpected_error", method=_method(context))
+        log.exception("unexpected_error", method=method, code="INTERNAL")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
     else:
         code, message = mapped
-        log.info("request_failed", code=code.name, message=message, method=_method(context))
+        log.info("request_failed", code=code.name, message=message, method=method)
         await context.abort(code, message)
 
 
-def _method(context: grpc.aio.ServicerContext) -> str:
-    try:
-        return str(context._rpc_event.call_details.method.decode())
-    except AttributeError:
-        return "?"
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    mapped = _status_of(exc)
+    return mapped[0].name if mapped else grpc.StatusCode.INTERNAL.name
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        code = "OK"
         try:
             return await behavior(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except grpc.aio.AbortError:
+            code = (context.code() or grpc.StatusCode.UNKNOWN).name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            code = _code_of(exc)
+            await _abort(method, context, exc)
+        finally:
+            RPCS.labels(method, code).inc()
 
     return wrapped
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        code = "OK"
+        gauge = INFLIGHT_STREAMS.labels(method)
+        gauge.inc()
         try:
             async for item in behavior(request, context):
                 yield item
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except grpc.aio.AbortError:
+            code = (context.code() or grpc.StatusCode.UNKNOWN).name
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            code = _code_of(exc)
+            await _abort(method, context, exc)
+        finally:
+            gauge.dec()
+            RPCS.labels(method, code).inc()
 
     return wrapped
 
@@ -121,14 +141,15 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith("/grpc."):
+        method = handler_call_details.method
+        if handler is None or method.startswith("/grpc."):
             return handler
         if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary))
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream))
         if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream))
+            return handler._replace(stream_stream=_wrap_stream(method, handler.stream_stream))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary))
+            return handler._replace(stream_unary=_wrap_unary(method, handler.stream_unary))
         return handler

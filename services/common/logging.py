@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 __all__ = ["configure_logging", "get_logger"]
+
+
+def _add_trace_context(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """trace_id and span_id of the current span, so a log line can be found from its trace and back."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event
 
 
 def configure_logging(service: str, level: str = "info") -> None:
@@ -18,6 +30,7 @@ def configure_logging(service: str, level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_trace_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.dict_tracebacks,

@@ -9,6 +9,7 @@ grace period.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from llmmesh.common.errors import StatusInterceptor
 from llmmesh.common.logging import configure_logging, get_logger
 from llmmesh.common.settings import ServiceSettings
+from llmmesh.common.telemetry import client_interceptors, server_interceptors, setup_telemetry
 
 __all__ = ["Service", "build_server", "channel", "grpc_options", "run_service"]
 
@@ -40,8 +42,18 @@ def grpc_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 
 def channel(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
-    """One long-lived channel per downstream stage, reused by every request."""
-    return grpc.aio.insecure_channel(target, options=grpc_options(settings))
+    """One long-lived channel per downstream stage, reused by every request.
+
+    Reconnect backoff is capped at 1 s (gRPC's default grows to 120 s) so a restarted stage is used again
+    within a second instead of minutes.
+    """
+    options = [
+        *grpc_options(settings),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    return grpc.aio.insecure_channel(target, options=options, interceptors=client_interceptors())
 
 
 @dataclass
@@ -87,7 +99,8 @@ def build_server(
     add_servicers: Callable[[grpc.aio.Server], None],
 ) -> Service:
     """A server with the status interceptor, health, reflection and size limits, bound to its port."""
-    server = grpc.aio.server(interceptors=[StatusInterceptor()], options=grpc_options(settings))
+    # Tracing first, so the status interceptor's outcome (and its log line) belongs to the RPC's span.
+    server = grpc.aio.server(interceptors=[*server_interceptors(), StatusInterceptor()], options=grpc_options(settings))
     add_servicers(server)
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -101,16 +114,37 @@ def build_server(
     return Service(name=name, server=server, port=port, health=servicer, service_names=names)
 
 
+async def _exit_with_parent(stop: asyncio.Event) -> None:
+    """Started by a launcher (LLMMESH_PARENT_PID): drain when it dies, so no service outlives `llmmesh up`.
+
+    (A prctl(PR_SET_PDEATHSIG) in the child would need Python code between fork and exec, which is unsafe
+    in a parent whose gRPC threads are running.)
+    """
+    parent = os.environ.get("LLMMESH_PARENT_PID")
+    if not parent:
+        return
+    while os.getppid() == int(parent):  # noqa: ASYNC110 - nothing to wait on: the parent's death sends no event
+        await asyncio.sleep(1.0)
+    log.warning("launcher_gone")
+    stop.set()
+
+
 async def _serve(name: str, settings: ServiceSettings, create: Callable[[], Awaitable[Service]]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = await create()
-    await service.start()
-    log.info("serving", address=f"{settings.host}:{service.port}")
-    await stop.wait()
-    await service.drain(settings.grace_seconds)
+    watch = asyncio.create_task(_exit_with_parent(stop))
+    telemetry = setup_telemetry(name, settings)
+    try:
+        service = await create()
+        await service.start()
+        log.info("serving", address=f"{settings.host}:{service.port}", metrics_port=settings.metrics_port)
+        await stop.wait()
+        await service.drain(settings.grace_seconds)
+    finally:
+        watch.cancel()
+        telemetry.shutdown()
 
 
 def run_service(name: str, settings: ServiceSettings, create: Callable[[], Awaitable[Service]]) -> None:

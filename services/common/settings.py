@@ -6,6 +6,8 @@ the environment at import time: `Settings()` is called by the entry point and pa
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -25,3 +27,11 @@ class ServiceSettings(BaseSettings):
     grace_seconds: float = Field(default=10.0, ge=0)
     # Largest gRPC message accepted or sent, in bytes.
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Prometheus metrics over HTTP on this port (path /metrics); unset = no metrics endpoint.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # OTLP traces: collector endpoint (grpc: "http://host:4317", http/protobuf: "http://host:4318");
+    # empty = tracing off (no provider, no interceptors: no cost).
+    otlp_endpoint: str = ""
+    otlp_protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
+    # Share of new traces recorded; a request that arrives with a sampled parent is always recorded.
+    trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)

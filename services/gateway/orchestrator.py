@@ -18,9 +18,12 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from opentelemetry import trace
 
+from llmmesh.common import metrics
 from llmmesh.common.errors import DeadlineExceeded, Unavailable
 from llmmesh.common.logging import get_logger
+from llmmesh.common.telemetry import set_attributes
 from llmmesh.stages.v1 import (
     infer_pb2,
     infer_pb2_grpc,
@@ -41,6 +44,22 @@ class Stages:
     preprocess: preprocess_pb2_grpc.PreprocessServiceStub
     infer: infer_pb2_grpc.InferServiceStub
     postprocess: postprocess_pb2_grpc.PostprocessServiceStub
+    # name -> channel, to connect (or fail fast) before a request is sent to a stage.
+    channels: dict[str, grpc.aio.Channel]
+    connect_timeout: float = 2.0
+
+    async def connected(self, deadline: _Deadline) -> None:
+        """Waits until every stage's channel is connected, at most `connect_timeout`; else UNAVAILABLE."""
+        for name, ch in self.channels.items():
+            if ch.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+                continue
+            remaining = deadline.remaining()
+            timeout = self.connect_timeout if remaining is None else min(remaining, self.connect_timeout)
+            try:
+                await asyncio.wait_for(ch.channel_ready(), timeout)
+            except TimeoutError:
+                deadline.remaining()  # DEADLINE_EXCEEDED when that is what ran out
+                raise Unavailable(f"{name} stage is unreachable") from None
 
 
 class _Deadline:
@@ -76,8 +95,22 @@ class Orchestrator:
             named.request_id = request_id
             request = named
 
+        span = trace.get_current_span()  # the gateway's server span (grpc instrumentation), when tracing
+        await self._stages.connected(deadline)
         prepared: preprocess_pb2.PrepareResponse = await self._stages.preprocess.Prepare(
             preprocess_pb2.PrepareRequest(request=request), timeout=deadline.remaining()
+        )
+        set_attributes(
+            span,
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": prepared.model,
+                "gen_ai.request.max_tokens": prepared.sampling.max_tokens,
+                "gen_ai.request.temperature": prepared.sampling.temperature,
+                "gen_ai.request.top_p": prepared.sampling.top_p,
+                "gen_ai.usage.input_tokens": len(prepared.input_ids),
+                "llmmesh.request_id": request_id,
+            },
         )
         infer_call = self._stages.infer.Generate(
             infer_pb2.InferRequest(
@@ -103,6 +136,7 @@ class Orchestrator:
                 if kind == "delta":
                     if first_token_at is None and response.delta.text:
                         first_token_at = time.monotonic()
+                        span.add_event("first_token")
                     yield generation_pb2.GenerateResponse(
                         chunk=generation_pb2.Chunk(text=response.delta.text, token_ids=response.delta.token_ids)
                     )
@@ -115,11 +149,16 @@ class Orchestrator:
         finally:
             # Early end (stop string, content filter) or client gone: stop the generation now.
             infer_call.cancel()
-            if done is not None:
-                post_call.cancel()
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+            if done is None:
+                post_call.cancel()
+            else:
+                # Postprocess has ended its side: read the call to its end so it (and its span) completes.
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async for _ in post_call:
+                        pass
         if state.error is not None:
             raise state.error
         if done is None:
@@ -132,21 +171,21 @@ class Orchestrator:
             yield generation_pb2.GenerateResponse(chunk=generation_pb2.Chunk(token_ids=done.token_ids))
         finished = time.monotonic()
         completion = state.completion_tokens or state.tokens_seen
-        yield generation_pb2.GenerateResponse(
-            final=generation_pb2.Final(
-                finish_reason=done.finish_reason,
-                usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids), completion_tokens=completion),
-                timings=generation_pb2.Timings(
-                    queue_ms=_ms(started, handed_to_model),
-                    time_to_first_token_ms=_ms(started, first_token_at) if first_token_at else 0.0,
-                    total_ms=_ms(started, finished),
-                ),
-                request_id=request_id,
-                model=prepared.model,
-                matched_stop=done.matched_stop,
-                filter_category=done.filter_category,
-            )
+        final = generation_pb2.Final(
+            finish_reason=done.finish_reason,
+            usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids), completion_tokens=completion),
+            timings=generation_pb2.Timings(
+                queue_ms=_ms(started, handed_to_model),
+                time_to_first_token_ms=_ms(started, first_token_at) if first_token_at else 0.0,
+                total_ms=_ms(started, finished),
+            ),
+            request_id=request_id,
+            model=prepared.model,
+            matched_stop=done.matched_stop,
+            filter_category=done.filter_category,
         )
+        _record(span, final, started, handed_to_model, first_token_at, finished)
+        yield generation_pb2.GenerateResponse(final=final)
 
     async def _pump(
         self,
@@ -192,6 +231,45 @@ class Orchestrator:
         state.error = exc
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await post_call.done_writing()
+
+
+def _record(
+    span: trace.Span, final: generation_pb2.Final, started: float, handed: float, first: float | None, end: float
+) -> None:
+    """Metrics, span attributes and the one log line of a completed request (never its text)."""
+    reason = generation_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+    model = final.model
+    usage = final.usage
+    metrics.REQUESTS.labels(model, reason).inc()
+    metrics.PROMPT_TOKENS.labels(model).inc(usage.prompt_tokens)
+    metrics.COMPLETION_TOKENS.labels(model).inc(usage.completion_tokens)
+    metrics.QUEUE_TIME.labels(model).observe(handed - started)
+    metrics.E2E_LATENCY.labels(model).observe(end - started)
+    if first is not None:
+        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(first - started)
+        metrics.TIME_TO_FIRST_SPEAKABLE.labels(model).observe(first - started)
+        if usage.completion_tokens > 1:
+            metrics.INTER_TOKEN_LATENCY.labels(model).observe((end - first) / (usage.completion_tokens - 1))
+    set_attributes(
+        span,
+        {
+            "gen_ai.usage.output_tokens": usage.completion_tokens,
+            "gen_ai.response.finish_reasons": [reason],
+            "gen_ai.response.model": model,
+        },
+    )
+    log.info(
+        "request_completed",
+        request_id=final.request_id,
+        model=model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        finish_reason=reason,
+        filter_category=final.filter_category or None,
+        queue_ms=final.timings.queue_ms,
+        time_to_first_token_ms=final.timings.time_to_first_token_ms,
+        total_ms=final.timings.total_ms,
+    )
 
 
 @dataclass

@@ -29,6 +29,8 @@ class GatewaySettings(ServiceSettings):
     infer_url: str = "127.0.0.1:50053"
     postprocess_url: str = "127.0.0.1:50054"
     health_interval_seconds: float = Field(default=1.0, gt=0)
+    # A request waits at most this long for an unconnected stage before failing with UNAVAILABLE.
+    stage_connect_timeout_seconds: float = Field(default=2.0, gt=0)
 
 
 async def _stage_serving(channel_: grpc.aio.Channel) -> bool:
@@ -61,6 +63,8 @@ async def create_server(settings: GatewaySettings) -> Service:
         preprocess=preprocess_pb2_grpc.PreprocessServiceStub(channels["preprocess"]),
         infer=infer_pb2_grpc.InferServiceStub(channels["infer"]),
         postprocess=postprocess_pb2_grpc.PostprocessServiceStub(channels["postprocess"]),
+        channels=channels,
+        connect_timeout=settings.stage_connect_timeout_seconds,
     )
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
     service = build_server(

@@ -22,6 +22,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from llmmesh.common.telemetry import client_interceptors
 
 __all__ = ["Generation", "InferenceBackend", "TritonBackend", "stop_words_tensor"]
 
@@ -109,7 +110,8 @@ class TritonBackend:
     def __init__(self, url: str, routes: Mapping[str, str], options: Sequence[tuple[str, int]] = ()) -> None:
         self._url = url
         self._routes = dict(routes)
-        self._channel = grpc.aio.insecure_channel(url, options=list(options))
+        # With tracing on, the client interceptor sends `traceparent`: Triton's InferRequest span joins our trace.
+        self._channel = grpc.aio.insecure_channel(url, options=list(options), interceptors=client_interceptors())
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def triton_model(self, model: str) -> str:
@@ -144,17 +146,16 @@ class TritonBackend:
                 ids = _output_ids(result)
                 if ids:
                     yield ids
-                if result.parameters["triton_final_response"].bool_param:
-                    finished = True
-                    break
-            else:
+                # Read on to the end of the call after the final response (Triton closes it at once,
+                # since the request stream is already closed), so its client span ends too.
+                finished = finished or result.parameters["triton_final_response"].bool_param
+            if not finished:
                 raise Unavailable(f"triton at {self._url} ended the stream before the final response")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceeded("deadline exceeded while generating") from exc
             raise Unavailable(f"triton at {self._url}: {exc.code().name}: {exc.details()}") from exc
         finally:
-            # After the final response the call ends by itself (the request stream is already closed).
             if not finished:
                 # The caller went away or Triton failed: cancel the Triton request at once.
                 call.cancel()

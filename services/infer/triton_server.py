@@ -85,6 +85,9 @@ class TritonServer:
     log_path: Path | None = None
     host: str = "127.0.0.1"
     extra_args: tuple[str, ...] = ()
+    # OTLP/HTTP traces endpoint (".../v1/traces"); Triton exports JSON. Empty = no tracing.
+    trace_url: str = ""
+    trace_rate: int = 1
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
 
@@ -147,9 +150,22 @@ class TritonServer:
             "--cuda-memory-pool-byte-size=0:0",
             "--exit-timeout-secs=5",
             "--log-verbose=0",
+            *self._trace_args(),
             *self.extra_args,
         ]
         return args
+
+    def _trace_args(self) -> list[str]:
+        if not self.trace_url:
+            return []
+        # Triton honours a W3C `traceparent` sent with the request: its spans join the caller's trace.
+        return [
+            "--trace-config=mode=opentelemetry",
+            f"--trace-config=rate={self.trace_rate}",
+            "--trace-config=level=TIMESTAMPS",
+            f"--trace-config=opentelemetry,url={self.trace_url}",
+            "--trace-config=opentelemetry,resource=service.name=triton",
+        ]
 
     def start(self) -> None:
         if self._proc is not None:

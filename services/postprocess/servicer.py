@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 import grpc.aio
+from opentelemetry import trace
 
 from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.metrics import SAFETY_BLOCKS
 from llmmesh.postprocess.domain import Finish, Output, TextPipeline
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
 __all__ = ["PostprocessServicer"]
+
+_tracer = trace.get_tracer("llmmesh.postprocess")
 
 _FINISH_FROM_PROTO = {
     generation_pb2.FINISH_REASON_STOP: Finish.STOP,
@@ -51,24 +55,34 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
         request_iterator: AsyncIterator[postprocess_pb2.ProcessRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[postprocess_pb2.ProcessResponse]:
-        pipeline: TextPipeline | None = None
-        async for message in request_iterator:
-            kind = message.WhichOneof("kind")
-            if pipeline is None:
-                if kind != "start":
-                    raise InvalidArgument("start", "the first message must be start")
-                pipeline = self._make_pipeline(message.start)
-                continue
-            if kind == "tokens":
-                out = pipeline.feed(message.tokens.ids)
-            elif kind == "end":
-                reason = _FINISH_FROM_PROTO.get(message.end.finish_reason)
-                if reason is None:
-                    raise InvalidArgument("end.finish_reason", "must be STOP, LENGTH or CANCELLED")
-                out = pipeline.finish(reason)
-            else:
-                raise InvalidArgument("start", "sent twice")
-            for response in _to_proto(out):
-                yield response
-            if pipeline.finished:
-                return
+        # One span for the stream's text work (detokenize, stop strings, safety): per-token spans would
+        # cost more than the work they measure.
+        with _tracer.start_as_current_span("detokenize_and_filter") as span:
+            tokens = 0
+            pipeline: TextPipeline | None = None
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if pipeline is None:
+                    if kind != "start":
+                        raise InvalidArgument("start", "the first message must be start")
+                    pipeline = self._make_pipeline(message.start)
+                    continue
+                if kind == "tokens":
+                    tokens += len(message.tokens.ids)
+                    out = pipeline.feed(message.tokens.ids)
+                elif kind == "end":
+                    reason = _FINISH_FROM_PROTO.get(message.end.finish_reason)
+                    if reason is None:
+                        raise InvalidArgument("end.finish_reason", "must be STOP, LENGTH or CANCELLED")
+                    out = pipeline.finish(reason)
+                else:
+                    raise InvalidArgument("start", "sent twice")
+                if out.finish is Finish.CONTENT_FILTER:
+                    SAFETY_BLOCKS.labels(out.category).inc()
+                    span.add_event("safety_block", {"llmmesh.safety.category": out.category})
+                if out.finish is not None:
+                    span.set_attributes({"llmmesh.tokens": tokens, "llmmesh.finish_reason": out.finish.value})
+                for response in _to_proto(out):
+                    yield response
+                if pipeline.finished:
+                    return

@@ -1,0 +1,147 @@
+"""The two paths under test, one streaming request at a time, timed at the client.
+
+`MeshClient` calls the gateway's public API (`GenerationService.Generate`); `DirectClient` calls
+Triton's `ModelStreamInfer` with the request infer would send. Both record, per request, the start,
+the first response that carries a token, the response that completes the stream, the output token
+count, and the failure (a gRPC status name, or INCOMPLETE / MODEL_ERROR / WRONG_OUTPUT). Each keeps a
+running total of tokens received, which the runner samples to measure steady-state throughput.
+
+The per-response work is kept small (no decoding, no per-token Python objects beyond what the gRPC
+library makes) so that the load generator, which shares the machine's two cores, costs little.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+from typing import Protocol
+
+import grpc
+import grpc.aio
+from tritonclient.grpc import service_pb2_grpc
+
+from llmmesh.v1 import generation_pb2_grpc
+
+from .metrics import RequestRecord
+from .workload import BuiltWorkload
+
+__all__ = ["CHANNEL_OPTIONS", "Client", "DirectClient", "MeshClient"]
+
+# Large messages allowed, no compression (the default), no keepalive pings: a benchmark's connections
+# are never idle for long, and pings a server finds too frequent end with GOAWAY too_many_pings.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+class Client(Protocol):
+    name: str
+    tokens_received: int
+
+    async def run(self, index: int, record: RequestRecord) -> None:
+        """Sends request number `index` and fills `record`; never raises for a failed request."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class DirectClient:
+    """Triton's ModelStreamInfer, one call per request (so a cancel is per request, as infer does)."""
+
+    name = "direct"
+
+    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 600.0) -> None:
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._requests = workload.direct_requests
+        self._expected = workload.expected_bytes
+        self._timeout = timeout
+        self.tokens_received = 0
+
+    async def run(self, index: int, record: RequestRecord) -> None:
+        request = self._requests[index % len(self._requests)]
+        call = self._stub.ModelStreamInfer(iter((request,)), timeout=self._timeout)
+        parts: list[bytes] = []
+        final = False
+        try:
+            async for response in call:
+                if response.error_message:
+                    record.error = "MODEL_ERROR"
+                    break
+                result = response.infer_response
+                for i, out in enumerate(result.outputs):
+                    if out.name == "output_ids":
+                        raw = result.raw_output_contents[i]
+                        n = len(raw) // 4
+                        if n:
+                            now = perf_counter()
+                            if record.first_token is None:
+                                record.first_token = now
+                            record.output_tokens += n
+                            self.tokens_received += n
+                            parts.append(raw)
+                        break
+                if result.parameters["triton_final_response"].bool_param:
+                    record.end = perf_counter()
+                    final = True
+                    break
+        except grpc.aio.AioRpcError as exc:
+            record.error = exc.code().name
+            return
+        finally:
+            if not final:
+                call.cancel()
+        if record.error is None:
+            if not final:
+                record.error = "INCOMPLETE"
+            elif self._expected is not None and b"".join(parts) != self._expected:
+                record.error = "WRONG_OUTPUT"
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class MeshClient:
+    """The gateway's public API: chunks (text + token ids), then one final message."""
+
+    name = "mesh"
+
+    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 600.0) -> None:
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._requests = workload.mesh_requests
+        self._expected = list(workload.expected_ids) if workload.expected_ids is not None else None
+        self._timeout = timeout
+        self.tokens_received = 0
+
+    async def run(self, index: int, record: RequestRecord) -> None:
+        request = self._requests[index % len(self._requests)]
+        call = self._stub.Generate(request, timeout=self._timeout)
+        ids: list[int] = []
+        final = None
+        try:
+            async for response in call:
+                if response.HasField("chunk"):
+                    chunk_ids = response.chunk.token_ids
+                    n = len(chunk_ids)
+                    if n:
+                        if record.first_token is None:
+                            record.first_token = perf_counter()
+                        record.output_tokens += n
+                        self.tokens_received += n
+                        ids.extend(chunk_ids)
+                else:
+                    record.end = perf_counter()
+                    final = response.final
+        except grpc.aio.AioRpcError as exc:
+            record.error = exc.code().name
+            return
+        if final is None:
+            record.error = "INCOMPLETE"
+        elif final.usage.completion_tokens != record.output_tokens or (
+            self._expected is not None and ids != self._expected
+        ):
+            record.error = "WRONG_OUTPUT"
+
+    async def close(self) -> None:
+        await self._channel.close()

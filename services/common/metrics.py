@@ -1,0 +1,68 @@
+"""Prometheus metrics of the mesh: one place, `llmmesh_` prefix, base units (seconds, tokens, bytes).
+
+Each process registers them all; a service only moves the ones it owns. Histogram buckets fit the
+ranges they measure: sub-millisecond to seconds for token gaps, tens of milliseconds to minutes for
+whole requests.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "COMPLETION_TOKENS",
+    "E2E_LATENCY",
+    "INFLIGHT_STREAMS",
+    "INTER_TOKEN_LATENCY",
+    "PROMPT_TOKENS",
+    "QUEUE_TIME",
+    "REQUESTS",
+    "RPCS",
+    "SAFETY_BLOCKS",
+    "TIME_TO_FIRST_SPEAKABLE",
+    "TIME_TO_FIRST_TOKEN",
+]
+
+_FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
+_TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1)
+_REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
+_QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# Every RPC a service serves, by method and gRPC status code (the error table applies here too).
+RPCS = Counter("llmmesh_rpc_requests", "RPCs served, by method and status code", ["method", "code"])
+INFLIGHT_STREAMS = Gauge("llmmesh_inflight_streams", "RPCs in progress, by method", ["method"])
+
+# Gateway: the client's view of each generation.
+REQUESTS = Counter("llmmesh_requests", "Completed generations, by model and finish reason", ["model", "finish_reason"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "llmmesh_time_to_first_token_seconds",
+    "Request arrival to the first text sent",
+    ["model"],
+    buckets=_FIRST_TOKEN_BUCKETS,
+)
+TIME_TO_FIRST_SPEAKABLE = Histogram(
+    "llmmesh_time_to_first_speakable_chunk_seconds",
+    "Request arrival to the first chunk marked speakable (every chunk, in token chunking)",
+    ["model"],
+    buckets=_FIRST_TOKEN_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "llmmesh_inter_token_latency_seconds",
+    "Per request: (end-to-end latency - time to first token) / (completion tokens - 1)",
+    ["model"],
+    buckets=_TOKEN_GAP_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "llmmesh_request_duration_seconds", "Request arrival to the final message", ["model"], buckets=_REQUEST_BUCKETS
+)
+QUEUE_TIME = Histogram(
+    "llmmesh_queue_time_seconds",
+    "Request arrival to hand-off to the model (validation, tokenization)",
+    ["model"],
+    buckets=_QUEUE_BUCKETS,
+)
+PROMPT_TOKENS = Counter("llmmesh_prompt_tokens", "Prompt tokens of completed generations", ["model"])
+COMPLETION_TOKENS = Counter("llmmesh_completion_tokens", "Generated tokens of completed generations", ["model"])
+
+# Postprocess: safety decisions.
+SAFETY_BLOCKS = Counter("llmmesh_safety_blocks", "Streams ended by the safety filter, by category", ["category"])
