@@ -27,7 +27,7 @@ test: lint
 	$(VENV)/bin/pytest -p no:cacheprovider
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services tests loadtest triton_models
+	$(VENV)/bin/ruff check services tests loadtest triton_models deploy
 	mkdir -p build/typecheck && ln -sfn ../../services build/typecheck/llmmesh
 	$(VENV)/bin/mypy
 

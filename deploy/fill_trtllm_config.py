@@ -55,13 +55,12 @@ def _non_negative(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine-dir", required=True, help="engine folder (trtllm-build --output_dir) as Triton sees it")
-    p.add_argument("--tokenizer-dir", required=True, help="the model's Hugging Face tokenizer folder, as Triton sees it")
-    p.add_argument(
-        "--max-batch-size", type=_positive, required=True, help="at most the engine's own (trtllm-build --max_batch_size)"
-    )
-    p.add_argument("--model-name", default="tensorrt_llm", help="Triton model name, routed to by LLMMESH_INFER_MODELS")
-    p.add_argument("--repository", type=Path, default=REPOSITORY, help=f"model repository to write (default {REPOSITORY})")
+    # Paths are the ones Triton sees inside its container (compose mounts deploy/models at /models).
+    p.add_argument("--engine-dir", required=True, help="engine folder (trtllm-build --output_dir)")
+    p.add_argument("--tokenizer-dir", required=True, help="the model's Hugging Face tokenizer folder")
+    p.add_argument("--max-batch-size", type=_positive, required=True, help="at most trtllm-build's --max_batch_size")
+    p.add_argument("--model-name", default="tensorrt_llm", help="Triton model name (LLMMESH_INFER_MODELS routes to it)")
+    p.add_argument("--repository", type=Path, default=REPOSITORY, help=f"where to write (default {REPOSITORY})")
     p.add_argument("--template", type=Path, default=TEMPLATE, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-free-gpu-mem-fraction", type=_fraction, default=0.9)
     p.add_argument("--no-kv-cache-reuse", action="store_true", help="engines built without paged context FMHA")
@@ -77,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", g) for g in groups):
         p.error(f"--gpu-device-ids: comma-separated GPU numbers per instance, got {args.gpu_device_ids!r}")
     if args.instance_count > 1 and len(groups) != args.instance_count:
-        p.error(f"--instance-count {args.instance_count} needs as many GPU groups in --gpu-device-ids, got {len(groups)}")
+        p.error(f"--instance-count {args.instance_count} needs that many --gpu-device-ids groups, got {len(groups)}")
     _check_engine(p, Path(args.engine_dir), args.max_batch_size)
     return args
 

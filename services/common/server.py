@@ -49,6 +49,8 @@ def channel(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
     """
     options = [
         *grpc_options(settings),
+        # Spread calls over every address a name resolves to (headless Kubernetes services, scaled replicas).
+        ("grpc.lb_policy_name", "round_robin"),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
@@ -77,6 +79,9 @@ class Service:
 
     async def start(self) -> None:
         await self.server.start()
+        # "liveness" answers SERVING whenever the process serves at all (Kubernetes liveness probes);
+        # "" and the service names follow readiness (dependencies included).
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
         log.info("listening", port=self.port)
 
     async def drain(self, grace: float) -> None:

@@ -129,16 +129,22 @@ class Orchestrator:
         state = _PumpState()
         pump = asyncio.create_task(self._pump(infer_call, post_call, prepared, state))
         first_token_at: float | None = None
+        first_speakable_at: float | None = None
         done: postprocess_pb2.Done | None = None
         try:
             async for response in post_call:
                 kind = response.WhichOneof("kind")
                 if kind == "delta":
-                    if first_token_at is None and response.delta.text:
+                    delta = response.delta
+                    if first_token_at is None and delta.text:
                         first_token_at = time.monotonic()
                         span.add_event("first_token")
+                    if first_speakable_at is None and delta.speakable:
+                        first_speakable_at = time.monotonic()
                     yield generation_pb2.GenerateResponse(
-                        chunk=generation_pb2.Chunk(text=response.delta.text, token_ids=response.delta.token_ids)
+                        chunk=generation_pb2.Chunk(
+                            text=delta.text, token_ids=delta.token_ids, speakable=delta.speakable
+                        )
                     )
                 elif kind == "done":
                     done = response.done
@@ -178,13 +184,14 @@ class Orchestrator:
                 queue_ms=_ms(started, handed_to_model),
                 time_to_first_token_ms=_ms(started, first_token_at) if first_token_at else 0.0,
                 total_ms=_ms(started, finished),
+                time_to_first_speakable_chunk_ms=_ms(started, first_speakable_at) if first_speakable_at else 0.0,
             ),
             request_id=request_id,
             model=prepared.model,
             matched_stop=done.matched_stop,
             filter_category=done.filter_category,
         )
-        _record(span, final, started, handed_to_model, first_token_at, finished)
+        _record(span, final, started, handed_to_model, first_token_at, first_speakable_at, finished)
         yield generation_pb2.GenerateResponse(final=final)
 
     async def _pump(
@@ -198,7 +205,10 @@ class Orchestrator:
             await post_call.write(
                 postprocess_pb2.ProcessRequest(
                     start=postprocess_pb2.Start(
-                        request_id=prepared.request_id, model=prepared.model, stop=prepared.stop
+                        request_id=prepared.request_id,
+                        model=prepared.model,
+                        stop=prepared.stop,
+                        chunking=prepared.chunking,
                     )
                 )
             )
@@ -234,7 +244,13 @@ class Orchestrator:
 
 
 def _record(
-    span: trace.Span, final: generation_pb2.Final, started: float, handed: float, first: float | None, end: float
+    span: trace.Span,
+    final: generation_pb2.Final,
+    started: float,
+    handed: float,
+    first: float | None,
+    first_speakable: float | None,
+    end: float,
 ) -> None:
     """Metrics, span attributes and the one log line of a completed request (never its text)."""
     reason = generation_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -247,9 +263,10 @@ def _record(
     metrics.E2E_LATENCY.labels(model).observe(end - started)
     if first is not None:
         metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(first - started)
-        metrics.TIME_TO_FIRST_SPEAKABLE.labels(model).observe(first - started)
         if usage.completion_tokens > 1:
             metrics.INTER_TOKEN_LATENCY.labels(model).observe((end - first) / (usage.completion_tokens - 1))
+    if first_speakable is not None:
+        metrics.TIME_TO_FIRST_SPEAKABLE.labels(model).observe(first_speakable - started)
     set_attributes(
         span,
         {
@@ -268,6 +285,7 @@ def _record(
         filter_category=final.filter_category or None,
         queue_ms=final.timings.queue_ms,
         time_to_first_token_ms=final.timings.time_to_first_token_ms,
+        time_to_first_speakable_chunk_ms=final.timings.time_to_first_speakable_chunk_ms,
         total_ms=final.timings.total_ms,
     )
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc.aio
 
+from llmmesh.common.errors import InvalidArgument
 from llmmesh.gateway.orchestrator import Orchestrator
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
@@ -21,3 +24,52 @@ class GatewayServicer(generation_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         async for response in self._orchestrator.generate(request, context.time_remaining()):
             yield response
+
+    async def Converse(
+        self, request_iterator: AsyncIterator[generation_pb2.ConverseRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.ConverseResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "generate":
+            raise InvalidArgument("generate", "the first message must be a generate request")
+        interrupted = asyncio.Event()
+
+        async def watch() -> None:
+            async for message in request_iterator:
+                if message.WhichOneof("kind") == "interrupt":
+                    interrupted.set()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        stream = self._orchestrator.generate(first.generate, context.time_remaining()).__aiter__()
+        delivered: list[str] = []
+        request_id = first.generate.request_id
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(stream))
+                barge_in = asyncio.ensure_future(interrupted.wait())
+                await asyncio.wait({step, barge_in}, return_when=asyncio.FIRST_COMPLETED)
+                barge_in.cancel()
+                if interrupted.is_set():
+                    # Cancelling the step closes the generation: infer's call, and so the Triton request, ends.
+                    step.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await step
+                    yield generation_pb2.ConverseResponse(
+                        interrupted=generation_pb2.Interrupted(
+                            delivered_text="".join(delivered), delivered_chunks=len(delivered), request_id=request_id
+                        )
+                    )
+                    return
+                try:
+                    response = step.result()
+                except StopAsyncIteration:
+                    return
+                if response.HasField("chunk"):
+                    yield generation_pb2.ConverseResponse(chunk=response.chunk)
+                    delivered.append(response.chunk.text)
+                else:
+                    yield generation_pb2.ConverseResponse(final=response.final)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher

@@ -11,6 +11,7 @@ from one that was cut short. Building the tensors by hand also skips a numpy rou
 
 from __future__ import annotations
 
+import asyncio
 from array import array
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class TritonBackend:
         # With tracing on, the client interceptor sends `traceparent`: Triton's InferRequest span joins our trace.
         self._channel = grpc.aio.insecure_channel(url, options=list(options), interceptors=client_interceptors())
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._closing: set[asyncio.Task[None]] = set()
 
     def triton_model(self, model: str) -> str:
         try:
@@ -146,9 +148,9 @@ class TritonBackend:
                 ids = _output_ids(result)
                 if ids:
                     yield ids
-                # Read on to the end of the call after the final response (Triton closes it at once,
-                # since the request stream is already closed), so its client span ends too.
-                finished = finished or result.parameters["triton_final_response"].bool_param
+                if result.parameters["triton_final_response"].bool_param:
+                    finished = True
+                    break
             if not finished:
                 raise Unavailable(f"triton at {self._url} ended the stream before the final response")
         except grpc.aio.AioRpcError as exc:
@@ -156,9 +158,26 @@ class TritonBackend:
                 raise DeadlineExceeded("deadline exceeded while generating") from exc
             raise Unavailable(f"triton at {self._url}: {exc.code().name}: {exc.details()}") from exc
         finally:
-            if not finished:
+            if finished:
+                # The generation is complete: let the call close in the background (its client span ends
+                # with it) instead of making the caller wait for Triton to close the stream.
+                task = asyncio.create_task(self._finish(call))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            else:
                 # The caller went away or Triton failed: cancel the Triton request at once.
                 call.cancel()
+
+    @staticmethod
+    async def _finish(call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            async with asyncio.timeout(5):
+                async for _ in call:
+                    pass
+        except (TimeoutError, grpc.aio.AioRpcError):
+            pass
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         await self._channel.close()

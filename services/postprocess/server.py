@@ -11,14 +11,22 @@ from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.model_assets import load_model_assets
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
-from llmmesh.postprocess.domain import TextPipeline
+from llmmesh.postprocess.chunker import ChunkingMode
+from llmmesh.postprocess.domain import BlocklistSafety, TextPipeline
 from llmmesh.postprocess.servicer import PostprocessServicer
 from llmmesh.postprocess.textmatch import BlockedTerm
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
+from llmmesh.v1 import generation_pb2
 
 __all__ = ["PostprocessSettings", "create_server", "read_blocklist"]
 
 DEFAULT_BLOCKLIST = Path(__file__).with_name("blocklist.txt")
+CHUNKING_FROM_PROTO = {
+    generation_pb2.CHUNKING_MODE_UNSPECIFIED: ChunkingMode.TOKEN,
+    generation_pb2.CHUNKING_MODE_TOKEN: ChunkingMode.TOKEN,
+    generation_pb2.CHUNKING_MODE_CLAUSE: ChunkingMode.CLAUSE,
+    generation_pb2.CHUNKING_MODE_SENTENCE: ChunkingMode.SENTENCE,
+}
 
 
 class PostprocessSettings(ServiceSettings):
@@ -50,7 +58,10 @@ async def create_server(settings: PostprocessSettings) -> Service:
     def make_pipeline(start: postprocess_pb2.Start) -> TextPipeline:
         if start.model and start.model != settings.default_model:
             raise InvalidArgument("start.model", f"unknown model {start.model!r}")
-        return TextPipeline(assets.token_bytes, list(start.stop), blocked)
+        chunking = CHUNKING_FROM_PROTO.get(start.chunking)
+        if chunking is None:
+            raise InvalidArgument("start.chunking", f"unknown chunking mode {start.chunking}")
+        return TextPipeline(assets.token_bytes, list(start.stop), BlocklistSafety(blocked), chunking)
 
     name = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name
     service = build_server(

@@ -32,15 +32,19 @@ FINISH_TO_PROTO = {
 
 
 def _to_proto(out: Output) -> list[postprocess_pb2.ProcessResponse]:
-    messages = []
-    if out.text:
-        messages.append(postprocess_pb2.ProcessResponse(delta=postprocess_pb2.Delta(text=out.text, token_ids=out.ids)))
+    messages = [
+        postprocess_pb2.ProcessResponse(
+            delta=postprocess_pb2.Delta(text=p.text, token_ids=p.ids, speakable=p.speakable)
+        )
+        for p in out.pieces
+        if p.text
+    ]
     if out.finish is not None:
         done = postprocess_pb2.Done(
             finish_reason=FINISH_TO_PROTO[out.finish],
             matched_stop=out.matched_stop,
             filter_category=out.category,
-            token_ids=[] if out.text else out.ids,
+            token_ids=out.leftover_ids,
         )
         messages.append(postprocess_pb2.ProcessResponse(done=done))
     return messages
@@ -69,12 +73,12 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
                     continue
                 if kind == "tokens":
                     tokens += len(message.tokens.ids)
-                    out = pipeline.feed(message.tokens.ids)
+                    out = await pipeline.feed(message.tokens.ids)
                 elif kind == "end":
                     reason = _FINISH_FROM_PROTO.get(message.end.finish_reason)
                     if reason is None:
                         raise InvalidArgument("end.finish_reason", "must be STOP, LENGTH or CANCELLED")
-                    out = pipeline.finish(reason)
+                    out = await pipeline.finish(reason)
                 else:
                     raise InvalidArgument("start", "sent twice")
                 if out.finish is Finish.CONTENT_FILTER:

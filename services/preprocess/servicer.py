@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc.aio
 from opentelemetry import trace
 
+from llmmesh.common.errors import InvalidArgument
 from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
@@ -62,9 +63,13 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
     async def Prepare(
         self, request: preprocess_pb2.PrepareRequest, context: grpc.aio.ServicerContext
     ) -> preprocess_pb2.PrepareResponse:
+        if request.request.chunking not in generation_pb2.ChunkingMode.values():
+            raise InvalidArgument("chunking", f"unknown chunking mode {request.request.chunking}")
         with _tracer.start_as_current_span("template_tokenize") as span:
             prepared = self._preparer.prepare(_input_from_proto(request.request))
             span.set_attributes(
                 {"gen_ai.request.model": prepared.model, "gen_ai.usage.input_tokens": len(prepared.input_ids)}
             )
-        return _prepared_to_proto(prepared)
+        response = _prepared_to_proto(prepared)
+        response.chunking = request.request.chunking
+        return response

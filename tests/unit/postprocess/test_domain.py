@@ -1,45 +1,65 @@
 from __future__ import annotations
 
 from llmmesh.common.model_assets import ModelAssets
-from llmmesh.postprocess.domain import Finish, TextPipeline
+from llmmesh.postprocess.chunker import ChunkingMode
+from llmmesh.postprocess.domain import BlocklistSafety, Finish, Output, TextPipeline
 from llmmesh.postprocess.textmatch import BlockedTerm
 
 
-def _run(
+async def _run(
     pipeline: TextPipeline, ids: list[int], end: Finish = Finish.STOP
-) -> tuple[str, list[int], Finish | None, str]:
-    text: list[str] = []
+) -> tuple[list[str], list[int], Output]:
+    texts: list[str] = []
     seen: list[int] = []
+    out = Output()
     for i in ids:
-        out = pipeline.feed([i])
-        text.append(out.text)
-        seen.extend(out.ids)
+        out = await pipeline.feed([i])
+        texts += [p.text for p in out.pieces]
+        seen += [x for p in out.pieces for x in p.ids] + out.leftover_ids
         if out.finish:
-            return "".join(text), seen, out.finish, out.matched_stop or out.category
-    out = pipeline.finish(end)
-    text.append(out.text)
-    seen.extend(out.ids)
-    return "".join(text), seen, out.finish, ""
+            return texts, seen, out
+    out = await pipeline.finish(end)
+    texts += [p.text for p in out.pieces]
+    seen += [x for p in out.pieces for x in p.ids] + out.leftover_ids
+    return texts, seen, out
 
 
-def test_plain_stream_ends_with_the_generation_reason_and_every_id(assets: ModelAssets) -> None:
+def _pipeline(
+    assets: ModelAssets,
+    stops: list[str] | None = None,
+    blocked: list[str] | None = None,
+    chunking: ChunkingMode = ChunkingMode.TOKEN,
+) -> TextPipeline:
+    safety = BlocklistSafety([BlockedTerm(t, "geo") for t in blocked or []])
+    return TextPipeline(assets.token_bytes, stops or [], safety, chunking)
+
+
+async def test_plain_stream_ends_with_the_generation_reason_and_every_id(assets: ModelAssets) -> None:
     """Without stops or blocks all text and all ids come out, with the reason infer gave."""
     ids = assets.encode("Hello 世界 👋🏽!")
-    text, seen, finish, _ = _run(TextPipeline(assets.token_bytes, [], []), ids, Finish.LENGTH)
-    assert (text, seen, finish) == ("Hello 世界 👋🏽!", ids, Finish.LENGTH)
+    texts, seen, out = await _run(_pipeline(assets), ids, Finish.LENGTH)
+    assert ("".join(texts), seen, out.finish) == ("Hello 世界 👋🏽!", ids, Finish.LENGTH)
 
 
-def test_stop_string_cuts_the_text(assets: ModelAssets) -> None:
+async def test_stop_string_cuts_the_text(assets: ModelAssets) -> None:
     """The stop string and what follows never come out; the reason is STOP_STRING with the string."""
     ids = assets.encode("The capital of France is Paris. It is big.")
-    text, _, finish, stop = _run(TextPipeline(assets.token_bytes, ["Paris"], []), ids)
-    assert (text, finish, stop) == ("The capital of France is ", Finish.STOP_STRING, "Paris")
+    texts, _, out = await _run(_pipeline(assets, stops=["Paris"]), ids)
+    assert ("".join(texts), out.finish, out.matched_stop) == ("The capital of France is ", Finish.STOP_STRING, "Paris")
 
 
-def test_blocked_term_ends_the_stream_with_its_category(assets: ModelAssets) -> None:
+async def test_blocked_term_ends_the_stream_with_its_category(assets: ModelAssets) -> None:
     """A blocked term ends the stream with CONTENT_FILTER and never comes out."""
     ids = assets.encode("The capital of Germany is Berlin.")
-    pipeline = TextPipeline(assets.token_bytes, [], [BlockedTerm("berlin", "geo")])
-    text, _, finish, category = _run(pipeline, ids)
-    assert finish is Finish.CONTENT_FILTER and category == "geo"
-    assert "Berlin" not in text and "Ber" not in text
+    texts, _, out = await _run(_pipeline(assets, blocked=["berlin"]), ids)
+    assert out.finish is Finish.CONTENT_FILTER and out.category == "geo"
+    assert "Ber" not in "".join(texts)
+
+
+async def test_sentence_chunks_carry_all_ids_and_text(assets: ModelAssets) -> None:
+    """In SENTENCE mode chunks are whole sentences, and chunk ids plus leftovers are every id fed."""
+    text = "Dr. Lee arrived at 3.30 pm. She said hello! Then she left..."
+    ids = assets.encode(text)
+    texts, seen, out = await _run(_pipeline(assets, chunking=ChunkingMode.SENTENCE), ids)
+    assert texts == ["Dr. Lee arrived at 3.30 pm.", " She said hello!", " Then she left..."]
+    assert seen == ids and out.finish is Finish.STOP

@@ -1,0 +1,95 @@
+"""Voice features end to end: speakable chunks and barge-in, against the real model."""
+
+from __future__ import annotations
+
+import queue
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from llmmesh.launcher import Mesh
+from llmmesh.v1 import generation_pb2, generation_pb2_grpc
+
+from .conftest import model_counters, request
+
+pytestmark = pytest.mark.e2e
+
+Stub = generation_pb2_grpc.GenerationServiceStub
+# A chunk may end after clause or sentence punctuation (and closing quotes), or before a conjunction.
+_CLAUSE_END = re.compile(r"[,;:.!?…—–。！？，、；：][\"'”’)\]]*$")
+_CONJUNCTION_NEXT = re.compile(r"^\s(and|but|or|so|because|although|though|while|whereas|yet|then)\s", re.I)
+
+
+def test_clause_chunks_end_at_boundaries_and_arrive_before_the_model_finishes(gateway: Stub, mesh: Mesh) -> None:
+    """CLAUSE mode: every chunk but the last ends at punctuation or before a conjunction; the first comes early."""
+    before = model_counters(mesh)["tokens"]
+    req = request("Describe Paris in a few sentences.", temperature=0.0, max_tokens=120)
+    req.chunking = generation_pb2.CHUNKING_MODE_CLAUSE
+    chunks: list[generation_pb2.Chunk] = []
+    generated_at_first = None
+    final = None
+    for response in gateway.Generate(req, timeout=120):
+        if response.HasField("chunk"):
+            if not chunks:
+                generated_at_first = model_counters(mesh)["tokens"] - before
+            chunks.append(response.chunk)
+        else:
+            final = response.final
+    assert final is not None and len(chunks) >= 3
+    texts = [c.text for c in chunks]
+    for i, text in enumerate(texts[:-1]):
+        assert _CLAUSE_END.search(text.rstrip()) or _CONJUNCTION_NEXT.match(texts[i + 1]), (i, texts)
+    assert all(c.speakable for c in chunks)
+    assert generated_at_first is not None and generated_at_first < final.usage.completion_tokens
+    assert 0 < final.timings.time_to_first_token_ms <= final.timings.time_to_first_speakable_chunk_ms
+
+
+def _converse(
+    stub: Stub, req: generation_pb2.GenerateRequest, interrupt_after: int
+) -> tuple[list[str], generation_pb2.ConverseResponse]:
+    outbox: queue.Queue[generation_pb2.ConverseRequest | None] = queue.Queue()
+    outbox.put(generation_pb2.ConverseRequest(generate=req))
+
+    def requests() -> Iterator[generation_pb2.ConverseRequest]:
+        while (message := outbox.get()) is not None:
+            yield message
+
+    received: list[str] = []
+    last = None
+    for response in stub.Converse(requests(), timeout=120):
+        last = response
+        if response.HasField("chunk"):
+            received.append(response.chunk.text)
+            if len(received) == interrupt_after:
+                outbox.put(generation_pb2.ConverseRequest(interrupt=generation_pb2.Interrupt()))
+        elif response.HasField("interrupted") or response.HasField("final"):
+            break
+    outbox.put(None)
+    assert last is not None
+    return received, last
+
+
+def test_barge_in_stops_the_model_and_acknowledges_what_was_delivered(gateway: Stub, mesh: Mesh) -> None:
+    """An interrupt after the 5th chunk cancels the Triton generation; the ack's text equals what was received."""
+    before = model_counters(mesh)
+    req = request("Write a long story about a dragon.", temperature=0.0, max_tokens=400)
+    received, last = _converse(gateway, req, interrupt_after=5)
+    assert last.HasField("interrupted"), last
+    ack = last.interrupted
+    assert ack.delivered_text == "".join(received)
+    assert ack.delivered_chunks == len(received) >= 5
+    deadline = time.monotonic() + 5
+    while model_counters(mesh)["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert model_counters(mesh)["cancelled"] == before["cancelled"] + 1, "the model saw no cancel"
+    assert model_counters(mesh)["tokens"] - before["tokens"] < 400
+
+
+def test_converse_without_interrupt_ends_with_the_final_message(gateway: Stub) -> None:
+    """A voice turn that is not interrupted streams chunks and ends with the usual final message."""
+    req = request("What is the capital of France?", temperature=0.0, max_tokens=40)
+    req.chunking = generation_pb2.CHUNKING_MODE_SENTENCE
+    received, last = _converse(gateway, req, interrupt_after=10_000)
+    assert last.HasField("final") and "Paris" in "".join(received)
