@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmmesh.infer.triton_server import TritonServer
+from llmmesh.infer.triton_server import TritonServer, repository_root
 
 __all__ = ["SERVICES", "Mesh", "MeshPorts", "free_port"]
 
@@ -77,11 +77,14 @@ class Mesh:
     # Extra environment for the services (LLMMESH_<SERVICE>_... settings).
     env: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
-    triton_models: tuple[str, ...] = ("smollm2",)
+    # The CPU model and the safety classifier; without "safety_classifier" the classifier layer is off.
+    triton_models: tuple[str, ...] = ("smollm2", "safety_classifier")
     # Tracing: the services' OTLP endpoint and protocol, and Triton's OTLP/HTTP traces URL; empty = off.
     otlp_endpoint: str = ""
     otlp_protocol: str = "http/protobuf"
     triton_trace_url: str = ""
+    # Triton's model repository; None = this checkout's triton_models/.
+    model_repository: Path | None = None
     triton: TritonServer | None = field(default=None, init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
 
@@ -110,6 +113,9 @@ class Mesh:
                 "LLMMESH_PARENT_PID": str(os.getpid()),
             }
         )
+        if "safety_classifier" in self.triton_models:
+            for name in ("preprocess", "postprocess"):
+                env[f"LLMMESH_{name.upper()}_TRITON_URL"] = f"{self.host}:{p.triton_grpc}"
         for name in SERVICES:
             prefix = f"LLMMESH_{name.upper()}_"
             env[f"{prefix}METRICS_PORT"] = str(getattr(p, f"{name}_metrics"))
@@ -144,6 +150,7 @@ class Mesh:
             host=self.host,
             log_path=self.log_dir / "triton.log",
             trace_url=self.triton_trace_url,
+            model_repository=self.model_repository or repository_root(),
         )
         try:
             self.triton.start()

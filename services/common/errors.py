@@ -81,6 +81,19 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
         await context.abort(code, message)
 
 
+def _really_cancelled() -> bool:
+    """True when this handler's task was cancelled (client gone, deadline, shutdown)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+async def _abort_leaked_cancel(method: str, context: grpc.aio.ServicerContext) -> None:
+    # A CancelledError that escaped from a cancelled downstream call, not a cancel of this RPC: ending
+    # the handler with it would leave the client without a status until its deadline.
+    log.error("leaked_cancellation", method=method, code="INTERNAL")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
 def _code_of(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED.name
@@ -97,8 +110,11 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
             code = (context.code() or grpc.StatusCode.UNKNOWN).name
             raise
         except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
+            if _really_cancelled():
+                code = "CANCELLED"
+                raise
+            code = "INTERNAL"
+            await _abort_leaked_cancel(method, context)
         except Exception as exc:
             code = _code_of(exc)
             await _abort(method, context, exc)
@@ -120,8 +136,11 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
             code = (context.code() or grpc.StatusCode.UNKNOWN).name
             raise
         except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
+            if _really_cancelled():
+                code = "CANCELLED"
+                raise
+            code = "INTERNAL"
+            await _abort_leaked_cancel(method, context)
         except Exception as exc:
             code = _code_of(exc)
             await _abort(method, context, exc)

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -75,6 +76,28 @@ class _Deadline:
         return left
 
 
+async def _drain(call: grpc.aio.StreamStreamCall) -> None:
+    async for _ in call:
+        pass
+
+
+async def _quietly(awaitable: Any) -> None:
+    """Awaits clean-up work, ignoring its failure and its cancellation, but never this task's own cancel.
+
+    grpc.aio raises CancelledError from a call that was cancelled (e.g. a write interrupted by our own
+    pump.cancel()); letting that escape the handler would end the RPC without a status, and the client
+    would wait until its deadline.
+    """
+    try:
+        await awaitable
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except grpc.aio.AioRpcError:
+        pass
+
+
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 
@@ -112,6 +135,19 @@ class Orchestrator:
                 "llmmesh.request_id": request_id,
             },
         )
+        if prepared.blocked_category:
+            # The prompt failed the safety policy: a result, not an error, and nothing is generated.
+            final = generation_pb2.Final(
+                finish_reason=generation_pb2.FINISH_REASON_CONTENT_FILTER,
+                usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids)),
+                timings=generation_pb2.Timings(total_ms=_ms(started, time.monotonic())),
+                request_id=request_id,
+                model=prepared.model,
+                filter_category=prepared.blocked_category,
+            )
+            _record(span, final, started, time.monotonic(), None, None, time.monotonic())
+            yield generation_pb2.GenerateResponse(final=final)
+            return
         infer_call = self._stages.infer.Generate(
             infer_pb2.InferRequest(
                 request_id=request_id,
@@ -156,15 +192,12 @@ class Orchestrator:
             # Early end (stop string, content filter) or client gone: stop the generation now.
             infer_call.cancel()
             pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
+            await _quietly(pump)
             if done is None:
                 post_call.cancel()
             else:
                 # Postprocess has ended its side: read the call to its end so it (and its span) completes.
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    async for _ in post_call:
-                        pass
+                await _quietly(_drain(post_call))
         if state.error is not None:
             raise state.error
         if done is None:

@@ -14,9 +14,9 @@ from typing import Protocol
 
 from llmmesh.postprocess.chunker import Chunker, ChunkingMode
 from llmmesh.postprocess.detokenizer import IncrementalDetokenizer
-from llmmesh.postprocess.textmatch import BlockedTerm, Blocklist, StopMatcher
+from llmmesh.postprocess.textmatch import StopMatcher
 
-__all__ = ["BlocklistSafety", "Finish", "Output", "Piece", "TextPipeline", "TextSafety"]
+__all__ = ["Finish", "Output", "Piece", "TextPipeline", "TextSafety"]
 
 
 class Finish(enum.Enum):
@@ -31,16 +31,6 @@ class TextSafety(Protocol):
     """The safety layer of one stream: returns (checked text to release, blocked category or None)."""
 
     async def push(self, text: str, final: bool = False) -> tuple[str, str | None]: ...
-
-
-class BlocklistSafety:
-    """A word blocklist as the safety layer."""
-
-    def __init__(self, terms: Sequence[BlockedTerm]) -> None:
-        self._blocklist = Blocklist(terms)
-
-    async def push(self, text: str, final: bool = False) -> tuple[str, str | None]:
-        return self._blocklist.push(text, final=final)
 
 
 @dataclass

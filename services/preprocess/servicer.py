@@ -6,6 +6,7 @@ import grpc.aio
 from opentelemetry import trace
 
 from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.safety import Classifier, PolicyStore, check_prompt
 from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
@@ -56,9 +57,17 @@ def _prepared_to_proto(p: Prepared) -> preprocess_pb2.PrepareResponse:
     )
 
 
+def _prompt_text(req: generation_pb2.GenerateRequest) -> str:
+    if req.WhichOneof("input") == "chat":
+        return "\n".join(m.content for m in req.chat.messages)
+    return req.prompt
+
+
 class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
-    def __init__(self, preparer: Preparer) -> None:
+    def __init__(self, preparer: Preparer, policies: PolicyStore, classifier: Classifier | None = None) -> None:
         self._preparer = preparer
+        self._policies = policies
+        self._classifier = classifier
 
     async def Prepare(
         self, request: preprocess_pb2.PrepareRequest, context: grpc.aio.ServicerContext
@@ -72,4 +81,12 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             )
         response = _prepared_to_proto(prepared)
         response.chunking = request.request.chunking
+        policy = self._policies.current()
+        response.safety_policy_version = policy.version
+        with _tracer.start_as_current_span("safety_check_prompt") as span:
+            classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
+            blocked = await check_prompt(policy, _prompt_text(request.request), classifier)
+            span.set_attribute("llmmesh.safety.blocked", blocked or "")
+        if blocked:
+            response.blocked_category = blocked
         return response

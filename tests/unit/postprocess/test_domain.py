@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from llmmesh.common.model_assets import ModelAssets
+from llmmesh.common.safety import BlockedTerm, SafetyStream, load_policy
 from llmmesh.postprocess.chunker import ChunkingMode
-from llmmesh.postprocess.domain import BlocklistSafety, Finish, Output, TextPipeline
-from llmmesh.postprocess.textmatch import BlockedTerm
+from llmmesh.postprocess.domain import Finish, Output, TextPipeline
+from llmmesh.postprocess.server import StreamSafety
 
 
 async def _run(
@@ -30,7 +31,8 @@ def _pipeline(
     blocked: list[str] | None = None,
     chunking: ChunkingMode = ChunkingMode.TOKEN,
 ) -> TextPipeline:
-    safety = BlocklistSafety([BlockedTerm(t, "geo") for t in blocked or []])
+    policy = load_policy(extra_terms=[BlockedTerm(t, "geo") for t in blocked or []])
+    safety = StreamSafety(SafetyStream(policy))  # blocklist and PII layers; no classifier
     return TextPipeline(assets.token_bytes, stops or [], safety, chunking)
 
 
@@ -63,3 +65,10 @@ async def test_sentence_chunks_carry_all_ids_and_text(assets: ModelAssets) -> No
     texts, seen, out = await _run(_pipeline(assets, chunking=ChunkingMode.SENTENCE), ids)
     assert texts == ["Dr. Lee arrived at 3.30 pm.", " She said hello!", " Then she left..."]
     assert seen == ids and out.finish is Finish.STOP
+
+
+async def test_email_in_the_output_is_redacted_before_release(assets: ModelAssets) -> None:
+    """An e-mail address streamed token by token reaches the client only as its placeholder."""
+    ids = assets.encode("Write to jane.doe@example.com today.")
+    texts, _, out = await _run(_pipeline(assets), ids)
+    assert "".join(texts) == "Write to [EMAIL] today." and out.finish is Finish.STOP

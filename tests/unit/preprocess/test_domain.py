@@ -98,3 +98,12 @@ def test_exactly_the_context_length_is_accepted(preparer: Preparer, assets: Mode
     n_prompt = len(preparer.prepare(_req("Hi", max_tokens=1)).input_ids)
     out = preparer.prepare(_req("Hi", max_tokens=assets.context_length - n_prompt))
     assert len(out.input_ids) + out.sampling.max_tokens == assets.context_length
+
+
+def test_model_aliases_share_the_tokenizer_and_unknown_names_are_rejected(assets: ModelAssets) -> None:
+    """Routing names (default/small/...) configured with one vocabulary are accepted; others name the field."""
+    preparer = Preparer({"default": assets, "small": assets}, "default")
+    assert preparer.prepare(PrepareInput(request_id="r", model="small", prompt="Hi")).model == "small"
+    assert preparer.prepare(PrepareInput(request_id="r", model="", prompt="Hi")).model == "default"
+    with pytest.raises(InvalidArgument, match="unknown model 'large'; served: default, small"):
+        preparer.prepare(PrepareInput(request_id="r", model="large", prompt="Hi"))

@@ -1,0 +1,107 @@
+"""Layer 3: a trained classifier that scores text units, served by Triton.
+
+`Classifier` is what the safety stream needs: P(unsafe) for each of a list of texts. `TritonClassifier`
+calls the Triton model `safety_classifier` (triton_models/safety_classifier: alt-profanity-check on CPU,
+a Llama Guard-style model in the same slot on GPU). Each call is one ModelInfer request holding its
+texts as a batch; Triton's dynamic batcher merges the requests of many concurrent streams into one
+model execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from array import array
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+import grpc.aio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from llmmesh.common.errors import DeadlineExceeded, Unavailable
+from llmmesh.common.telemetry import client_interceptors
+
+__all__ = ["Classifier", "TritonClassifier", "bytes_tensor"]
+
+INPUT = "TEXT"
+OUTPUT = "PROBABILITY"
+
+
+class Classifier(Protocol):
+    async def score(self, texts: list[str]) -> list[float]:
+        """Probability that each text is unsafe, in order."""
+        ...
+
+
+def bytes_tensor(texts: Sequence[str]) -> bytes:
+    """Triton's raw BYTES encoding: each element as a 4-byte little-endian length, then its bytes."""
+    parts = []
+    for text in texts:
+        data = text.encode("utf-8")
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
+
+
+class TritonClassifier:
+    """Scores texts with a Triton model that takes TEXT (BYTES [n, 1]) and returns PROBABILITY (FP32 [n, 1])."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str = "safety_classifier",
+        timeout: float = 5.0,
+        max_batch: int = 32,
+    ) -> None:
+        self._url = url
+        self._model = model
+        self._timeout = timeout
+        # At most the model's max_batch_size texts in one request; longer lists go as several requests.
+        self._max_batch = max_batch
+        self._channel = grpc.aio.insecure_channel(url, interceptors=client_interceptors())
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    async def score(self, texts: list[str]) -> list[float]:
+        if not texts:
+            return []
+        step = self._max_batch
+        parts = await asyncio.gather(*(self._infer(texts[i : i + step]) for i in range(0, len(texts), step)))
+        return [p for part in parts for p in part]
+
+    async def _infer(self, texts: list[str]) -> list[float]:
+        request = service_pb2.ModelInferRequest(model_name=self._model)
+        tensor = request.inputs.add()
+        tensor.name = INPUT
+        tensor.datatype = "BYTES"
+        tensor.shape.extend([len(texts), 1])
+        request.raw_input_contents.append(bytes_tensor(texts))
+        request.outputs.add().name = OUTPUT
+        try:
+            response = await self._stub.ModelInfer(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceeded(f"safety classifier {self._model}: no answer in {self._timeout} s") from exc
+            raise Unavailable(
+                f"safety classifier {self._model} at {self._url}: {exc.code().name}: {exc.details()}"
+            ) from exc
+        for i, out in enumerate(response.outputs):
+            if out.name == OUTPUT:
+                scores = array("f", response.raw_output_contents[i]).tolist()
+                if len(scores) == len(texts):
+                    return scores
+                break
+        raise Unavailable(f"safety classifier {self._model}: expected {len(texts)} {OUTPUT} values")
+
+    async def ready(self) -> bool:
+        try:
+            reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self._model), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.ready)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,227 @@
+"""The safety policy: one versioned YAML file, validated, compiled once, reloaded when it changes.
+
+A policy is immutable once loaded. A stream keeps the policy it started with; `PolicyStore.current()`
+hands new streams the newest valid one, so an edit to the file reaches new responses within the
+check interval and never changes a response half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+from llmmesh.common.logging import get_logger
+from llmmesh.common.safety.blocklist import BlockedTerm, TermMatcher
+from llmmesh.common.safety.pii import PiiRedactor
+
+__all__ = [
+    "DEFAULT_POLICY_PATH",
+    "ClassifierSettings",
+    "PiiSettings",
+    "PolicyError",
+    "PolicyStore",
+    "SafetyPolicy",
+    "load_policy",
+]
+
+DEFAULT_POLICY_PATH = Path(__file__).with_name("policies") / "default.yaml"
+
+_Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class PolicyError(ValueError):
+    """The policy file is missing, not YAML, or breaks the schema; the message names the key."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PiiSettings(_Frozen):
+    """Which personal data is replaced, and by what; a placeholder of null turns that kind off."""
+
+    enabled: bool = True
+    email: str | None = "[EMAIL]"
+    phone: str | None = "[PHONE]"
+    card: str | None = "[CARD]"
+
+    def redactor(self) -> PiiRedactor:
+        if not self.enabled:
+            return PiiRedactor(None, None, None)
+        return PiiRedactor(self.email or None, self.phone or None, self.card or None)
+
+
+class ClassifierSettings(_Frozen):
+    """The trained classifier: Triton model, threshold on P(unsafe), and the unit it scores."""
+
+    enabled: bool = True
+    model: _Name = "safety_classifier"
+    threshold: float = Field(default=0.9, gt=0.0, le=1.0)
+    # The finish category of a block by the classifier (it scores one class: unsafe).
+    category: _Name = "toxicity"
+    # Text is scored a sentence at a time; with no sentence end, this many characters at most.
+    window_chars: int = Field(default=200, ge=16)
+    # Score the prompt too (check_prompt), before any generation.
+    check_prompts: bool = True
+
+
+class _HoldSettings(_Frozen):
+    # No layer holds back more than this many characters; past it, text is checked with what is there.
+    max_chars: int = Field(default=256, ge=16)
+
+
+class _PolicyFile(_Frozen):
+    version: _Name
+    description: str = ""
+    hold: _HoldSettings = _HoldSettings()
+    # language -> category -> terms
+    blocklist: dict[_Name, dict[_Name, list[str]]] = Field(default_factory=dict)
+    pii: PiiSettings = PiiSettings()
+    classifier: ClassifierSettings = ClassifierSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _PolicyFile:
+        if self.classifier.window_chars > self.hold.max_chars:
+            raise ValueError(
+                f"classifier.window_chars ({self.classifier.window_chars}) exceeds hold.max_chars "
+                f"({self.hold.max_chars})"
+            )
+        for language, categories in self.blocklist.items():
+            for category, terms in categories.items():
+                for term in terms:
+                    if not term.strip():
+                        raise ValueError(f"blocklist.{language}.{category}: empty term")
+                    if len(term) > self.hold.max_chars:
+                        raise ValueError(f"blocklist.{language}.{category}: term longer than hold.max_chars")
+        return self
+
+
+class SafetyPolicy:
+    """One loaded policy: its version, blocked terms (compiled), PII and classifier settings."""
+
+    def __init__(self, raw: _PolicyFile, digest: str, path: Path | None, extra_terms: Iterable[BlockedTerm] = ()):
+        self.version: str = raw.version
+        # First 12 hex digits of the file's SHA-256: tells two edits apart that kept the version.
+        self.digest = digest
+        self.path = path
+        self.max_hold_chars: int = raw.hold.max_chars
+        self.terms: tuple[BlockedTerm, ...] = (
+            *(
+                BlockedTerm(term.strip(), category, language)
+                for language, categories in raw.blocklist.items()
+                for category, terms in categories.items()
+                for term in terms
+            ),
+            *extra_terms,
+        )
+        self.pii = raw.pii
+        self.classifier = raw.classifier
+        self.languages: tuple[str, ...] = tuple(raw.blocklist)
+        self.matcher = TermMatcher(self.terms)
+        self.redactor = self.pii.redactor()
+
+    @property
+    def categories(self) -> frozenset[str]:
+        return frozenset(t.category for t in self.terms)
+
+    def __repr__(self) -> str:
+        return f"SafetyPolicy(version={self.version!r}, digest={self.digest!r}, terms={len(self.terms)})"
+
+
+def _parse(data: bytes, where: str) -> _PolicyFile:
+    try:
+        doc: Any = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{where}: the policy must be a mapping with a version")
+    try:
+        return _PolicyFile.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'policy'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise PolicyError(f"{where}: {problems}") from None
+
+
+def load_policy(path: str | Path | None = None, extra_terms: Iterable[BlockedTerm] = ()) -> SafetyPolicy:
+    """Reads, validates and compiles a policy file (None: the default policy shipped with llmmesh).
+
+    `extra_terms` are added to the file's blocklist (the deployment's own terms from settings).
+    """
+    file = Path(path) if path is not None else DEFAULT_POLICY_PATH
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    raw = _parse(data, str(file))
+    try:
+        return SafetyPolicy(raw, hashlib.sha256(data).hexdigest()[:12], file, tuple(extra_terms))
+    except ValueError as exc:
+        raise PolicyError(f"{file}: {exc}") from None
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # The inode too: an atomic replace (write elsewhere, rename) may keep mtime and size.
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+class PolicyStore:
+    """The newest valid policy from a file, re-read when the file changes (checked at most every interval).
+
+    The first load must succeed (it raises PolicyError). Later, a broken or missing file keeps the last
+    good policy and logs an error once per change of the file.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        check_interval: float = 1.0,
+        extra_terms: Iterable[BlockedTerm] = (),
+    ) -> None:
+        self.path = Path(path) if path is not None else DEFAULT_POLICY_PATH
+        self._interval = check_interval
+        self._extra = tuple(extra_terms)
+        self._stamp = _stamp(self.path)
+        self._policy = load_policy(self.path, self._extra)
+        self._next_check = time.monotonic() + check_interval
+
+    def current(self) -> SafetyPolicy:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._interval
+            self._reload_if_changed()
+        return self._policy
+
+    def _reload_if_changed(self) -> None:
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            policy = load_policy(self.path, self._extra)
+        except PolicyError as exc:
+            # A fresh logger each time (reloads are rare): one cached at import would miss test captures.
+            get_logger(__name__).error(
+                "safety_policy_reload_failed", path=str(self.path), error=str(exc), kept_version=self._policy.version
+            )
+            return
+        old, self._policy = self._policy, policy
+        get_logger(__name__).info(
+            "safety_policy_reloaded",
+            path=str(self.path),
+            version=policy.version,
+            digest=policy.digest,
+            previous_version=old.version,
+        )

@@ -1,0 +1,176 @@
+"""One response's pass through the layered policy: blocklist -> PII redaction -> classifier.
+
+Each layer holds back only what it must and passes the rest on at once:
+1. the blocklist holds a tail that could still become a blocked term (a few characters);
+2. PII redaction holds the last word or number, which could still turn out to be an address;
+3. the classifier holds the current unit (a sentence, or `window_chars` when no sentence ends) until
+   it is complete and scored.
+Text leaves `push` only after all three have passed it, so nothing unchecked is released; a block
+ends the stream and releases nothing more. Every layer's hold is bounded by the policy's
+`hold.max_chars`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from llmmesh.common.safety.blocklist import TermStream
+from llmmesh.common.safety.classifier import Classifier
+from llmmesh.common.safety.pii import PiiStream
+from llmmesh.common.safety.policy import SafetyPolicy
+
+__all__ = ["SafetyStream", "SafetyVerdict", "check_prompt", "split_units"]
+
+# A sentence ends at . ! ? … (and closing quotes or brackets) followed by whitespace (so "3.14" and
+# "e.g.x" do not end one, and a final "." waits for the next character), at CJK full stops at once,
+# and at a line break.
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s)|[。！？]+[」』”’）)]*|\n")
+
+
+@dataclass(frozen=True)
+class SafetyVerdict:
+    """The result of one push."""
+
+    # Checked text that may be released now (PII replaced by placeholders); "" when blocked.
+    text: str
+    # The category when the stream must end (content filter); None otherwise.
+    blocked: str | None = None
+
+
+def _unit_end(text: str, window: int) -> int | None:
+    """Where the first complete unit of `text` ends, or None if it is not complete yet."""
+    m = _SENTENCE_END.search(text, 0, window + 1)
+    if m is not None and m.end() <= window:
+        return m.end()
+    if len(text) < window:
+        return None
+    # No sentence end within the window: cut at a space in its second half, so words stay whole.
+    space = text.rfind(" ", window // 2, window)
+    return space + 1 if space > 0 else window
+
+
+def split_units(text: str, window: int) -> list[str]:
+    """A whole text cut into the units the classifier scores (sentences, at most `window` characters)."""
+    units = []
+    while text:
+        end = _unit_end(text, window) or len(text)
+        units.append(text[:end])
+        text = text[end:]
+    return units
+
+
+def _needs_score(unit: str) -> bool:
+    return any(c.isalnum() for c in unit)
+
+
+class SafetyStream:
+    """Feeds one response's text through the policy, piece by piece. Use from one task at a time."""
+
+    def __init__(self, policy: SafetyPolicy, classifier: Classifier | None = None) -> None:
+        self.policy = policy
+        self._classifier = classifier if policy.classifier.enabled else None
+        self._terms: TermStream = policy.matcher.open(policy.max_hold_chars)
+        self._pii: PiiStream = policy.redactor.open(policy.max_hold_chars)
+        self._window = min(policy.classifier.window_chars, policy.max_hold_chars)
+        self._unit = ""
+        self._busy = False
+        self.blocked: str | None = None
+        self.finished = False
+        self.units_scored = 0
+
+    @property
+    def held_chars(self) -> int:
+        """Characters pushed but not yet released (all layers)."""
+        return self._terms.held + self._pii.held + len(self._unit)
+
+    @property
+    def redacted(self) -> dict[str, int]:
+        """How many e-mail addresses, phone and card numbers were replaced so far, by kind."""
+        return dict(self._pii.redacted)
+
+    async def push(self, text: str, final: bool = False) -> SafetyVerdict:
+        """Checks a piece of text; with final=True, everything still held is checked and released.
+
+        After the stream has ended (final, or blocked), pushes release nothing and repeat the verdict.
+        A classifier failure raises (Unavailable, DeadlineExceeded) and ends the stream: unchecked text
+        is never released. So does a cancellation while the classifier is awaited.
+        """
+        if self.finished:
+            return SafetyVerdict("", self.blocked)
+        if self._busy:
+            raise RuntimeError("SafetyStream.push called again before the previous push returned")
+        self._busy = True
+        try:
+            return await self._push(text, final)
+        except BaseException:
+            # Held text was taken out for scoring and never checked: the stream cannot go on.
+            self._end()
+            raise
+        finally:
+            self._busy = False
+
+    async def _push(self, text: str, final: bool) -> SafetyVerdict:
+        category = self._terms.scan(text)
+        if category is None and final:
+            category = self._terms.finish()
+        if category is not None:
+            return self._block(category)
+        passed = self._pii.push(self._terms.release(final), final)
+        if self._classifier is None:
+            if final:
+                self._end()
+            return SafetyVerdict(passed)
+        self._unit += passed
+        units = []
+        while (end := _unit_end(self._unit, self._window)) is not None:
+            units.append(self._unit[:end])
+            self._unit = self._unit[end:]
+        if final and self._unit:
+            units.append(self._unit)
+            self._unit = ""
+        released = await self._score(units)
+        if released is None:
+            return self._block(self.policy.classifier.category)
+        if final:
+            self._end()
+        return SafetyVerdict(released)
+
+    async def _score(self, units: list[str]) -> str | None:
+        """The units joined if all pass, None if one is unsafe."""
+        scored = [u for u in units if _needs_score(u)]
+        if scored:
+            assert self._classifier is not None
+            scores = await self._classifier.score(scored)
+            self.units_scored += len(scored)
+            if any(s >= self.policy.classifier.threshold for s in scores):
+                return None
+        return "".join(units)
+
+    def _block(self, category: str) -> SafetyVerdict:
+        self.blocked = category
+        self._end()
+        return SafetyVerdict("", category)
+
+    def _end(self) -> None:
+        self.finished = True
+        self._unit = ""
+        self._terms.close()
+
+    def close(self) -> None:
+        """Ends the stream early (cancel, barge-in): frees the matcher state; held text is dropped."""
+        self._end()
+
+
+async def check_prompt(policy: SafetyPolicy, text: str, classifier: Classifier | None = None) -> str | None:
+    """The category that blocks this prompt, or None: blocked terms, then (if enabled) the classifier."""
+    category = policy.matcher.find(text)
+    if category is not None:
+        return category
+    settings = policy.classifier
+    if classifier is None or not settings.enabled or not settings.check_prompts:
+        return None
+    units = [u for u in split_units(text, settings.window_chars) if _needs_score(u)]
+    if units and max(await classifier.score(units)) >= settings.threshold:
+        return settings.category
+    return None
