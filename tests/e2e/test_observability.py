@@ -66,7 +66,12 @@ def one_request(traced: tuple[Mesh, OtlpReceiver, Path]) -> tuple[str, str, gene
     spans: list[Span] = []
     while time.monotonic() < deadline:
         spans = [s for s in receiver.snapshot() if s.trace_id == trace_id]
-        if wanted <= {s.service for s in spans} and any(s.name == "compute" for s in spans):
+        index = _by_id(spans)
+        generation = [s for s in spans if s.name == "compute" and index.get(s.parent_id, s).name == "smollm2"]
+        # Complete once the model's compute span links all the way up to the gateway's span.
+        if wanted <= {s.service for s in spans} and any(
+            any(a.service == "llmmesh-gateway" for a in _ancestors(c, index)) for c in generation
+        ):
             break
         time.sleep(0.2)
     return trace_id, format(ctx.span_id, "016x"), final, spans
@@ -108,7 +113,8 @@ def test_parent_chain_runs_from_client_to_triton_compute(
     index = _by_id(spans)
     gateway = _one(spans, "llmmesh-gateway", "GenerationService/Generate")
     assert gateway.parent_id == client_span_id
-    compute = _one(spans, "triton", "compute")
+    # The model's compute span (the safety classifier's Triton requests have compute spans too).
+    compute = next(s for s in spans if s.name == "compute" and index[s.parent_id].name == "smollm2")
     chain = _ancestors(compute, index)
     names = [(s.service, s.name) for s in chain]
     infer_request = next(s for s in chain if s.service == "triton" and s.name == "InferRequest")

@@ -94,3 +94,28 @@ def test_a_blocked_prompt_is_answered_without_generating(mesh: Mesh) -> None:
     assert final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
     assert final.filter_category == "profanity" and final.usage.completion_tokens == 0
     assert model_counters(mesh) == before
+
+
+def test_concurrent_streams_share_classifier_batches_in_triton(forced_mesh: Mesh) -> None:
+    """Sixteen concurrent mesh requests: Triton's statistics show classifier executions with batches > 1."""
+    import concurrent.futures
+    import urllib.request
+
+    assert forced_mesh.triton is not None
+    stats_url = f"{forced_mesh.triton.http_url}/v2/models/safety_classifier/stats"
+
+    def batch_sizes() -> dict[int, int]:
+        with urllib.request.urlopen(stats_url, timeout=5) as resp:
+            stats = json.load(resp)["model_stats"][0]
+        return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+    before = batch_sizes()
+    ids = load_model_assets().encode("Sure. Write to jane.doe@example.com for details.")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(
+            pool.map(lambda _: _collect(forced_mesh.address("gateway"), request("x", max_tokens=len(ids))), range(16))
+        )
+    assert all(text == "Sure. Write to [EMAIL] for details." for text, _ in results)
+    after = batch_sizes()
+    grown = {size: after[size] - before.get(size, 0) for size in after if after[size] > before.get(size, 0)}
+    assert any(size > 1 for size in grown), f"no batch larger than 1: {grown}"
