@@ -8,6 +8,7 @@ unexpected becomes INTERNAL, logged with its traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -101,52 +102,46 @@ def _code_of(exc: BaseException) -> str:
     return mapped[0].name if mapped else grpc.StatusCode.INTERNAL.name
 
 
+@contextlib.asynccontextmanager
+async def _outcome(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Runs one RPC's body: maps its exception to a status and counts the outcome by code."""
+    code = "OK"
+    try:
+        yield
+    except grpc.aio.AbortError:
+        code = (context.code() or grpc.StatusCode.UNKNOWN).name
+        raise
+    except asyncio.CancelledError:
+        if _really_cancelled():
+            code = "CANCELLED"
+            raise
+        code = "INTERNAL"
+        await _abort_leaked_cancel(method, context)
+    except Exception as exc:
+        code = _code_of(exc)
+        await _abort(method, context, exc)
+    finally:
+        RPCS.labels(method, code).inc()
+
+
 def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        code = "OK"
-        try:
+        async with _outcome(method, context):
             return await behavior(request, context)
-        except grpc.aio.AbortError:
-            code = (context.code() or grpc.StatusCode.UNKNOWN).name
-            raise
-        except asyncio.CancelledError:
-            if _really_cancelled():
-                code = "CANCELLED"
-                raise
-            code = "INTERNAL"
-            await _abort_leaked_cancel(method, context)
-        except Exception as exc:
-            code = _code_of(exc)
-            await _abort(method, context, exc)
-        finally:
-            RPCS.labels(method, code).inc()
 
     return wrapped
 
 
 def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        code = "OK"
         gauge = INFLIGHT_STREAMS.labels(method)
         gauge.inc()
         try:
-            async for item in behavior(request, context):
-                yield item
-        except grpc.aio.AbortError:
-            code = (context.code() or grpc.StatusCode.UNKNOWN).name
-            raise
-        except asyncio.CancelledError:
-            if _really_cancelled():
-                code = "CANCELLED"
-                raise
-            code = "INTERNAL"
-            await _abort_leaked_cancel(method, context)
-        except Exception as exc:
-            code = _code_of(exc)
-            await _abort(method, context, exc)
+            async with _outcome(method, context):
+                async for item in behavior(request, context):
+                    yield item
         finally:
             gauge.dec()
-            RPCS.labels(method, code).inc()
 
     return wrapped
 
