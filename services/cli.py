@@ -1,4 +1,5 @@
-"""`llmmesh up` runs the whole mesh on this machine; `llmmesh generate` streams an answer from it."""
+"""`llmmesh up` runs the whole mesh on this machine; `llmmesh generate` streams an answer from it;
+`llmmesh speak` speaks one (the voice front end in `llmmesh.voice`)."""
 
 from __future__ import annotations
 
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     gen.set_defaults(func=_generate)
+
+    from llmmesh.voice.cli import add_speak_command
+
+    add_speak_command(sub)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

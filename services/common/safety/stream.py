@@ -25,7 +25,9 @@ __all__ = ["SafetyStream", "SafetyVerdict", "check_prompt", "split_units"]
 # A sentence ends at . ! ? … (and closing quotes or brackets) followed by whitespace (so "3.14" and
 # "e.g.x" do not end one, and a final "." waits for the next character), at CJK full stops at once,
 # and at a line break.
-_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s)|[。！？]+[」』”’）)]*|\n")
+# A unit ends after its sentence mark and the one whitespace that proves it (released with the unit, so a
+# chunker downstream can see the boundary without waiting for the next sentence).
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s|[。！？]+[」』”’）)]*|\n")
 
 
 @dataclass(frozen=True)

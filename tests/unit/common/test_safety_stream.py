@@ -71,8 +71,8 @@ async def test_sentences_are_released_only_after_they_are_scored(policy: SafetyP
     stream = SafetyStream(policy, classifier)
     pieces = ["Hello", " there", ".", " How", " are", " you", "?", " Fine", "."]
     verdicts = await _run(stream, pieces)
-    assert [v.text for v in verdicts] == ["", "", "", "Hello there.", "", "", "", " How are you?", " Fine."]
-    assert classifier.scored == ["Hello there.", " How are you?", " Fine."]
+    assert [v.text for v in verdicts] == ["", "", "", "Hello there. ", "", "", "", "How are you? ", "Fine."]
+    assert classifier.scored == ["Hello there. ", "How are you? ", "Fine."]
     assert stream.finished and stream.blocked is None
 
 
@@ -82,7 +82,7 @@ async def test_an_unsafe_sentence_ends_the_stream_and_is_never_released(policy: 
     verdicts = await _run(stream, ["Fine here. ", "You are", " nasty", " people. ", "More."])
     assert verdicts[-1] == SafetyVerdict("", "toxicity")
     assert "nasty" not in _text(verdicts)
-    assert _text(verdicts) == "Fine here."
+    assert _text(verdicts) == "Fine here. "
     assert await stream.push("after") == SafetyVerdict("", "toxicity")
 
 
@@ -114,7 +114,7 @@ async def test_a_blocked_term_split_across_pieces_ends_the_stream(policy: Safety
     stream = SafetyStream(policy, classifier)
     verdicts = await _run(stream, ["Ok. ", "Go kill", " your", "self", " now."])
     assert verdicts[-1] == SafetyVerdict("", "violence")
-    assert _text(verdicts) == "Ok."
+    assert _text(verdicts) == "Ok. "
     assert all("kill" not in t for t in classifier.scored)
 
 
@@ -163,12 +163,12 @@ async def test_several_units_completed_by_one_push_go_in_one_call(policy: Safety
     stream = SafetyStream(policy, classifier)
     verdict = await stream.push("One. Two! Three? Four", final=True)
     assert verdict.text == "One. Two! Three? Four"
-    assert classifier.calls == [["One.", " Two!", " Three?", " Four"]]
+    assert classifier.calls == [["One. ", "Two! ", "Three? ", "Four"]]
 
 
 def test_split_units_keeps_decimals_and_cuts_cjk() -> None:
     """'3.14' does not end a sentence; CJK full stops do, without a following space."""
-    assert split_units("Pi is 3.14 today. Yes", 100) == ["Pi is 3.14 today.", " Yes"]
+    assert split_units("Pi is 3.14 today. Yes", 100) == ["Pi is 3.14 today. ", "Yes"]
     assert split_units("東京です。北京です！", 100) == ["東京です。", "北京です！"]
     assert split_units("a" * 25, 10) == ["a" * 10, "a" * 10, "a" * 5]
 
@@ -179,7 +179,7 @@ async def test_check_prompt_uses_terms_then_the_classifier(policy: SafetyPolicy)
     assert await check_prompt(policy, "What a darn day.", classifier) == "profanity"
     assert classifier.calls == []
     assert await check_prompt(policy, "Hello. Some nasty words. Bye.", classifier) == "toxicity"
-    assert classifier.calls == [["Hello.", " Some nasty words.", " Bye."]]
+    assert classifier.calls == [["Hello. ", "Some nasty words. ", "Bye."]]
     assert await check_prompt(policy, "Hello. Nice words.", classifier) is None
     assert await check_prompt(policy, "Some nasty words.") is None
 
