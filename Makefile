@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo up test lint protos clean
+.PHONY: setup sysdeps demo up test lint protos clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,14 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/llmmesh up
 
-test: lint
+# Debian packages some tests use: docker-compose (validates compose files offline) and espeak-ng (the
+# voice front end's TTS). Without them those tests are skipped with a reason.
+sysdeps:
+	@command -v docker-compose >/dev/null && command -v espeak-ng >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose espeak-ng >/dev/null; } || \
+	  echo "warning: could not install docker-compose/espeak-ng; their tests will be skipped"
+
+test: sysdeps lint
 	$(VENV)/bin/pytest -p no:cacheprovider
 
 lint: $(STAMP)
