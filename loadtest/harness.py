@@ -2,9 +2,10 @@
 
 The instrument's timing lives in its config.pbtxt; to run it at other settings, the model folder is
 copied into a temporary model repository with `ttft_ms` and `itl_ms` rewritten. The mesh is the real
-one (`llmmesh.launcher.Mesh`, four service processes) with infer routing the default model name
-`smollm2` to `instrument`; preprocess and postprocess keep SmolLM2's vocabulary, which is what the
-instrument streams.
+one (`llmmesh.launcher.Mesh`: Triton and the four service processes) with infer routing the default
+model name `smollm2` to `instrument`; preprocess and postprocess keep SmolLM2's vocabulary, which is
+what the instrument streams. The safety classifier (a second Triton model) is loaded only on request:
+without it the mesh's classifier layer is off, and the blocklist and PII layers run as configured.
 """
 
 from __future__ import annotations
@@ -17,33 +18,48 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
+from llmmesh.common.safety import DEFAULT_POLICY_PATH
 from llmmesh.infer.triton_server import TritonServer, repository_root
-from llmmesh.launcher import SERVICES, Mesh, MeshPorts
+from llmmesh.launcher import Mesh, MeshPorts
 
 from . import procstats
 
-__all__ = ["INSTRUMENT", "instrument_repository", "mesh_pids", "running_mesh", "running_triton"]
+__all__ = ["INSTRUMENT", "instrument_repository", "mesh_pids", "policy_without_pii", "running_mesh", "running_triton"]
 
 INSTRUMENT = "instrument"
+CLASSIFIER = "safety_classifier"
 
 
-def instrument_repository(dest: Path, ttft_ms: float, itl_ms: float) -> Path:
-    """A model repository at `dest` holding the instrument with the given timing; returns `dest`."""
+def instrument_repository(dest: Path, ttft_ms: float, itl_ms: float, others: tuple[str, ...] = ()) -> Path:
+    """A model repository at `dest`: the instrument with the given timing, and `others` as they are."""
     shutil.copytree(repository_root() / INSTRUMENT, dest / INSTRUMENT)
+    for name in others:
+        shutil.copytree(repository_root() / name, dest / name)
     config = dest / INSTRUMENT / "config.pbtxt"
     text = config.read_text()
     for key, value in (("ttft_ms", ttft_ms), ("itl_ms", itl_ms)):
-        text, n = re.subn(
-            rf'(key: "{key}" value: {{ string_value: ")[^"]*(")', rf"\g<1>{value:g}\g<2>", text
-        )
+        text, n = re.subn(rf'(key: "{key}" value: {{ string_value: ")[^"]*(")', rf"\g<1>{value:g}\g<2>", text)
         if n != 1:
             raise ValueError(f"{config}: parameter {key} not found")
     config.write_text(text)
     return dest
 
 
+def policy_without_pii(dest: Path) -> Path:
+    """The default safety policy with PII redaction off (its hold-back costs one token of latency)."""
+    policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    policy["pii"]["enabled"] = False
+    policy["version"] = f"{policy['version']}-loadtest-no-pii"
+    dest.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return dest
+
+
 @contextlib.contextmanager
-def running_triton(ttft_ms: float, itl_ms: float, log_dir: Path, ports: MeshPorts | None = None) -> Iterator[TritonServer]:
+def running_triton(
+    ttft_ms: float, itl_ms: float, log_dir: Path, ports: MeshPorts | None = None
+) -> Iterator[TritonServer]:
     """Triton alone, serving the instrument at the given timing, on free loopback ports."""
     ports = ports or MeshPorts.free()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -65,29 +81,47 @@ def running_triton(ttft_ms: float, itl_ms: float, log_dir: Path, ports: MeshPort
 
 
 @contextlib.contextmanager
-def running_mesh(ttft_ms: float, itl_ms: float, log_dir: Path, env: dict[str, str] | None = None) -> Iterator[Mesh]:
-    """Triton (instrument) and the four services as processes; stopped in order on exit."""
-    ports = MeshPorts.free()
-    mesh = Mesh(
-        ports=ports,
-        log_dir=log_dir,
-        env={"LLMMESH_INFER_MODELS": json.dumps({"smollm2": INSTRUMENT}), **(env or {})},
-        triton_models=(INSTRUMENT,),
-    )
-    with running_triton(ttft_ms, itl_ms, log_dir, ports) as triton:
-        # `mesh.stop()` then stops the services, gateway first, and Triton last (stopping it twice is harmless).
-        mesh.triton = triton
+def running_mesh(
+    ttft_ms: float,
+    itl_ms: float,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    pii: bool = True,
+    classifier: bool = False,
+) -> Iterator[Mesh]:
+    """Triton (instrument) and the four services as processes; stopped in order (gateway first) on exit."""
+    with tempfile.TemporaryDirectory(prefix="llmmesh-instrument-") as tmp:
+        models = (INSTRUMENT, CLASSIFIER) if classifier else (INSTRUMENT,)
+        extra = {"LLMMESH_INFER_MODELS": json.dumps({"smollm2": INSTRUMENT})}
+        if not pii:
+            policy = policy_without_pii(Path(tmp) / "policy.yaml")
+            extra["LLMMESH_PREPROCESS_SAFETY_POLICY_PATH"] = str(policy)
+            extra["LLMMESH_POSTPROCESS_SAFETY_POLICY_PATH"] = str(policy)
+        repository = instrument_repository(Path(tmp) / "models", ttft_ms, itl_ms, models[1:])
+        for attempt in range(3):
+            mesh = Mesh(
+                ports=MeshPorts.free(),
+                log_dir=log_dir,
+                env={**extra, **(env or {})},
+                triton_models=models,
+                model_repository=repository,
+            )
+            try:
+                mesh.start()  # stops whatever it started if it fails
+                break
+            except RuntimeError:
+                # Free ports are picked by binding and releasing them: on a shared machine another
+                # process may take one before a service binds it. Try again on fresh ports.
+                if attempt == 2:
+                    raise
         try:
-            for name in SERVICES:
-                mesh.start_service(name)
-            mesh.wait_serving(SERVICES, timeout=120)
             yield mesh
         finally:
             mesh.stop()
 
 
 def mesh_pids(mesh: Mesh) -> dict[str, int]:
-    """Every process whose cost is reported: the four services, tritonserver and the instrument's stub."""
+    """Every process whose cost is reported: the four services, tritonserver and its model stubs."""
     assert mesh.triton is not None
     pids = {name: proc.pid for name, proc in mesh.procs.items()}
     pids.update(triton_pids(mesh.triton))
@@ -97,6 +131,8 @@ def mesh_pids(mesh: Mesh) -> dict[str, int]:
 def triton_pids(triton: TritonServer) -> dict[str, int]:
     assert triton.pid is not None
     pids = {"triton": triton.pid}
-    for i, child in enumerate(procstats.children(triton.pid)):
-        pids["triton_stub" if i == 0 else f"triton_stub_{i}"] = child
+    for child in procstats.children(triton.pid):
+        # A python-backend stub's command line names its model.py: .../<model>/1/model.py
+        model = procstats.stub_model(child)
+        pids["triton_stub" if model in (None, INSTRUMENT) else f"triton_stub_{model}"] = child
     return pids

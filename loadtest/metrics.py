@@ -35,6 +35,10 @@ class RequestRecord:
     end: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    # The gateway's own timings from its final message (seconds): time to hand the request to infer
+    # (preprocess included), and its time to first token. Mesh only; they split the mesh's TTFT.
+    gateway_queue: float | None = None
+    gateway_ttft: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -93,9 +97,7 @@ def distribution(values: Iterable[float], scale: float = 1000.0) -> Distribution
     )
 
 
-def summarize(
-    records: Sequence[RequestRecord], duration: float, window_tokens: int | None = None
-) -> dict[str, object]:
+def summarize(records: Sequence[RequestRecord], duration: float, window_tokens: int | None = None) -> dict[str, object]:
     """The metrics of one load level: `records` are the measured requests (warm-up excluded).
 
     `duration` is the measurement window in seconds. Output token throughput is `window_tokens` (tokens
@@ -121,10 +123,11 @@ def summarize(
         "itl_ms": distribution(itl for r in ok if (itl := inter_token_latency(r)) is not None),
         "latency_ms": distribution(r.latency for r in ok),
         # tokens/s per stream: recorded in "seconds" units so that scale=1 keeps tokens/s.
-        "per_stream_tokens_per_s": distribution(
-            (r.output_tokens / r.latency for r in ok if r.latency > 0), scale=1.0
-        ),
+        "per_stream_tokens_per_s": distribution((r.output_tokens / r.latency for r in ok if r.latency > 0), scale=1.0),
     }
+    if any(r.gateway_ttft is not None for r in ok):
+        metrics["gateway_queue_ms"] = distribution(r.gateway_queue for r in ok if r.gateway_queue is not None)
+        metrics["gateway_ttft_ms"] = distribution(r.gateway_ttft for r in ok if r.gateway_ttft is not None)
     for name, dist in metrics.items():
         out[name] = dist.as_dict() if dist else None
     return out

@@ -164,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
                 "command": " ".join(command),
             }
             levels.append(level)
-            ttft, itl = summary["ttft_ms"] or {}, summary["itl_ms"] or {}
+            ttft: dict[str, Any] = summary["ttft_ms"] or {}  # type: ignore[assignment]
+            itl: dict[str, Any] = summary["itl_ms"] or {}  # type: ignore[assignment]
             print(
-                f"perf_analyzer c={c}: ttft p50 {ttft.get('p50')} p99 {ttft.get('p99')} ms, itl p50 {itl.get('p50')} ms, "
+                f"perf_analyzer c={c}: ttft p50 {ttft.get('p50')} p99 {ttft.get('p99')} ms, "
+                f"itl p50 {itl.get('p50')} ms, "
                 f"{summary['output_tokens_per_s']} tok/s, {summary['completed']} requests, "
                 f"errors {summary['errors'] or 0}, wrong token counts {wrong}",
                 file=sys.stderr,

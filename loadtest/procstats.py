@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcSample", "children", "cpu_per_1k_tokens", "sample", "sample_all"]
+__all__ = ["ProcSample", "children", "cpu_per_1k_tokens", "sample", "sample_all", "stub_model"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -59,6 +59,19 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def stub_model(pid: int) -> str | None:
+    """The model a Triton python-backend stub serves, from its command line (…/<model>/1/model.py)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for arg in args:
+        path = Path(arg.decode(errors="replace"))
+        if path.name == "model.py" and len(path.parts) >= 3:
+            return path.parts[-3]
+    return None
+
+
 def sample_all(pids: Mapping[str, int]) -> dict[str, ProcSample]:
     return {name: s for name, pid in pids.items() if (s := sample(pid)) is not None}
 
@@ -70,7 +83,5 @@ def cpu_per_1k_tokens(
     if tokens <= 0:
         return {}
     return {
-        name: round((after[name].cpu_s - before[name].cpu_s) * 1000.0 / tokens, 3)
-        for name in after
-        if name in before
+        name: round((after[name].cpu_s - before[name].cpu_s) * 1000.0 / tokens, 3) for name in after if name in before
     }

@@ -19,7 +19,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
@@ -55,7 +55,8 @@ class LevelRun:
     at_start: Any = None
     at_end: Any = None
     started_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Stream messages that carried tokens during the window (tokens / messages = how much was coalesced).
+    window_messages: int | None = None
 
 
 class _Progress:
@@ -137,6 +138,7 @@ async def _duration_bounded(
     async def window() -> None:
         await asyncio.sleep(max(0.0, window_start - perf_counter()))
         edges["start"], edges["tokens0"], edges["probe0"] = perf_counter(), client.tokens_received, probe()
+        edges["messages0"] = client.messages_received
         while (left := window_end - perf_counter()) > 0:
             await asyncio.sleep(min(left, 0.25))
             now = perf_counter()
@@ -144,15 +146,14 @@ async def _duration_bounded(
             rate = (client.tokens_received - edges["tokens0"]) / elapsed if elapsed > 0 else 0.0
             bar.set(now - t0, measured=len(measured), tok_s=f"{rate:.0f}")
         edges["end"], edges["tokens1"], edges["probe1"] = perf_counter(), client.tokens_received, probe()
+        edges["messages1"] = client.messages_received
 
     async def ticker_during_warmup() -> None:
         while perf_counter() < window_start:
             bar.set(perf_counter() - t0, phase="warm-up")
             await asyncio.sleep(0.25)
 
-    load = (
-        [closed_worker(i) for i in range(level.concurrency)] if level.mode == "closed" else [open_arrivals()]
-    )
+    load = [closed_worker(i) for i in range(level.concurrency)] if level.mode == "closed" else [open_arrivals()]
     try:
         await asyncio.gather(window(), ticker_during_warmup(), *load)
     finally:
@@ -164,12 +165,11 @@ async def _duration_bounded(
         at_start=edges["probe0"],
         at_end=edges["probe1"],
         started_at=t0,
+        window_messages=edges["messages1"] - edges["messages0"],
     )
 
 
-async def _count_bounded(
-    client: Client, level: Level, probe: Callable[[], Any], progress: bool, desc: str
-) -> LevelRun:
+async def _count_bounded(client: Client, level: Level, probe: Callable[[], Any], progress: bool, desc: str) -> LevelRun:
     assert level.requests is not None
     total = level.warmup_requests + level.requests
     measured: list[RequestRecord] = []

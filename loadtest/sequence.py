@@ -1,7 +1,7 @@
 """The benchmark instrument's fixed output: a real text and SmolLM2's token ids for it.
 
-    .venv/bin/python -m loadtest sequence           # re-tokenize the text, rewrite the ids
-    .venv/bin/python -m loadtest sequence --check   # exit 1 if the stored ids are not the text's tokenization
+.venv/bin/python -m loadtest sequence           # re-tokenize the text, rewrite the ids
+.venv/bin/python -m loadtest sequence --check   # exit 1 if the stored ids are not the text's tokenization
 """
 
 from __future__ import annotations

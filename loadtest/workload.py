@@ -18,6 +18,7 @@ from llmmesh.common.model_assets import ModelAssets, load_model_assets
 from llmmesh.infer.backend import Generation, build_request
 from llmmesh.preprocess.domain import PrepareInput, Preparer, SamplingInput
 from llmmesh.preprocess.server import PreprocessSettings
+from llmmesh.stages.v1 import infer_pb2, preprocess_pb2
 from llmmesh.v1 import generation_pb2
 
 __all__ = ["INSTRUMENT_SEQUENCE", "WORKLOADS", "BuiltWorkload", "Workload", "build", "instrument_sequence"]
@@ -63,6 +64,8 @@ WORKLOADS = {
 class BuiltWorkload:
     workload: Workload
     mesh_requests: tuple[generation_pb2.GenerateRequest, ...]
+    # What the gateway sends the infer stage for the same prompt (to time that hop alone).
+    infer_requests: tuple[infer_pb2.InferRequest, ...]
     direct_requests: tuple[service_pb2.ModelInferRequest, ...]
     prompt_tokens: tuple[int, ...]
     # What the model must return (known for the benchmark instrument), as raw int32 bytes and as ids.
@@ -98,7 +101,7 @@ def build(
     assets = assets or load_model_assets()
     settings = PreprocessSettings()
     preparer = Preparer({client_model: assets}, client_model, settings.default_system_prompt)
-    mesh, direct, lengths = [], [], []
+    mesh, infer, direct, lengths = [], [], [], []
     end_id = assets.eos_token_id
     for i, prompt in enumerate(workload.prompts):
         sampling = SamplingInput(max_tokens=workload.max_tokens, temperature=workload.temperature)
@@ -118,6 +121,18 @@ def build(
         )
         end_id = prepared.end_id
         direct.append(build_request(gen, triton_model))
+        infer.append(
+            infer_pb2.InferRequest(
+                request_id=prepared.request_id,
+                model=client_model,
+                input_ids=prepared.input_ids,
+                end_id=prepared.end_id,
+                pad_id=prepared.pad_id,
+                sampling=preprocess_pb2.ResolvedSampling(
+                    max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k
+                ),
+            )
+        )
         mesh.append(
             generation_pb2.GenerateRequest(
                 prompt=prompt,
@@ -128,7 +143,5 @@ def build(
             )
         )
         lengths.append(len(prepared.input_ids))
-    expected = (
-        expected_instrument_output(instrument_sequence(), workload.max_tokens, end_id) if instrument else None
-    )
-    return BuiltWorkload(workload, tuple(mesh), tuple(direct), tuple(lengths), expected)
+    expected = expected_instrument_output(instrument_sequence(), workload.max_tokens, end_id) if instrument else None
+    return BuiltWorkload(workload, tuple(mesh), tuple(infer), tuple(direct), tuple(lengths), expected)

@@ -105,7 +105,17 @@ def build_server(
 ) -> Service:
     """A server with the status interceptor, health, reflection and size limits, bound to its port."""
     # Tracing first, so the status interceptor's outcome (and its log line) belongs to the RPC's span.
-    server = grpc.aio.server(interceptors=[*server_interceptors(), StatusInterceptor()], options=grpc_options(settings))
+    options = [
+        *grpc_options(settings),
+        # Connections are recycled every 5 minutes (streams in flight get a grace period), so clients
+        # re-resolve names and new replicas get their share.
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 600_000),
+        # Accept the clients' 30 s keepalive pings on idle connections (the default minimum is 5 minutes,
+        # past which the server answers GOAWAY "too_many_pings" and streams on that connection fail).
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ]
+    server = grpc.aio.server(interceptors=[*server_interceptors(), StatusInterceptor()], options=options)
     add_servicers(server)
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

@@ -62,8 +62,13 @@ def test_up_streams_a_demo_answer_and_ctrl_c_stops_everything(tmp_path: Path) ->
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            # SIGTERM first: `llmmesh up` then stops Triton too (a SIGKILL would orphan it).
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     assert proc.returncode == 0, rest
     assert "stopped:" in rest and "'gateway': 0" in rest
     assert not any(_alive(pid) for pid in pids)

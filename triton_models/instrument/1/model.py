@@ -15,8 +15,8 @@ What a request gets:
   token that falls due while the model is starved of CPU goes out as soon as it can.
 - `streaming` true: one response per token ([1, 1, 1] `output_ids`), the last one flagged final.
   `streaming` false or absent: one final response with every token when the last is due.
-- Cancellation (client gone, or infer cancelling after a stop string): noticed before the next token;
-  the request then ends with an empty final response.
+- Cancellation (client gone, or infer cancelling after a stop string): noticed within
+  `cancel_check_every` tokens (config); the request then ends with an empty final response.
 
 Threads: the python backend (2.51) is not safe for concurrent calls into its IPC from several threads
 (see `smollm2/1/model.py`). Here one scheduler thread does every send, `is_cancelled` and metric call:
@@ -80,7 +80,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self._ttft = float(params.get("ttft_ms", "20")) / 1000.0
         self._itl = float(params.get("itl_ms", "10")) / 1000.0
-        self._cancel_check_every = max(int(params.get("cancel_check_every", "1")), 1)
+        self._cancel_check_every = max(int(params.get("cancel_check_every", "4")), 1)
         path = params.get("sequence_path") or str(Path(__file__).with_name("sequence.json"))
         self._sequence = [int(i) for i in json.loads(Path(path).read_text(encoding="utf-8"))["token_ids"]]
         # One [1, 1, 1] array per distinct token id, built once: no allocation per token besides the tensors.
