@@ -112,7 +112,7 @@ async def test_a_stream_is_blocked_by_the_real_classifier(classifier: TritonClas
             blocked = verdict.blocked
             break
     assert blocked == policy.classifier.category
-    assert "".join(released) == "The weather is nice."
+    assert "".join(released) == "The weather is nice. "
 
 
 async def test_prompts_are_checked_by_the_real_classifier(classifier: TritonClassifier, policy: SafetyPolicy) -> None:
