@@ -80,3 +80,18 @@ def model_counters(mesh: Mesh) -> dict[str, float]:
             elif sample.name == "llmmesh_model_requests_total":
                 out[sample.labels["outcome"]] = sample.value
     return out
+
+
+def settled_counters(mesh: Mesh, quiet: float = 0.4, timeout: float = 10.0) -> dict[str, float]:
+    """The model's counters once no earlier request is still running (unchanged for `quiet` seconds)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = model_counters(mesh)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = model_counters(mesh)
+        if now == last:
+            return now
+        last = now
+    return last

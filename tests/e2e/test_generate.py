@@ -12,7 +12,7 @@ from llmmesh.common.model_assets import ModelAssets
 from llmmesh.launcher import SERVICES, Mesh
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import BLOCKED_WORD, model_counters, request
+from .conftest import BLOCKED_WORD, model_counters, request, settled_counters
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +74,7 @@ def test_deltas_concatenate_to_the_decode_of_all_streamed_ids(gateway: Stub, ass
 
 def test_first_chunk_arrives_before_the_model_finishes(gateway: Stub, mesh: Mesh) -> None:
     """When the first chunk reaches the client the model has not yet produced its last token (Triton's counter)."""
-    before = model_counters(mesh)["tokens"]
+    before = settled_counters(mesh)["tokens"]
     at_first_chunk = None
     stream = gateway.Generate(
         request("Write a long story about a dragon.", temperature=0.0, max_tokens=120), timeout=120
@@ -121,7 +121,7 @@ def _wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyp
 
 def test_client_cancel_stops_the_generation_in_the_model(gateway: Stub, mesh: Mesh) -> None:
     """Cancelling after 5 chunks makes the Triton model stop generating for that request."""
-    before = model_counters(mesh)
+    before = settled_counters(mesh)
     stream = gateway.Generate(
         request("Write a long story about a dragon.", temperature=0.0, max_tokens=400), timeout=120
     )
@@ -141,7 +141,7 @@ def test_client_cancel_stops_the_generation_in_the_model(gateway: Stub, mesh: Me
 
 def test_expired_deadline_ends_with_deadline_exceeded_and_cancels_the_model(gateway: Stub, mesh: Mesh) -> None:
     """A deadline that expires mid-stream gives DEADLINE_EXCEEDED and the model stops that request."""
-    before = model_counters(mesh)
+    before = settled_counters(mesh)
     with pytest.raises(grpc.RpcError) as err:
         _collect(gateway, request("Write a long story about a dragon.", temperature=0.0, max_tokens=400), timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from llmmesh.infer.triton_server import repository_root
 from llmmesh.launcher import Mesh, MeshPorts
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import model_counters, request
+from .conftest import model_counters, request, settled_counters
 
 pytestmark = pytest.mark.e2e
 
@@ -88,7 +88,7 @@ def test_a_blocked_phrase_split_across_tokens_ends_with_content_filter(forced_me
 
 def test_a_blocked_prompt_is_answered_without_generating(mesh: Mesh) -> None:
     """A prompt that fails the policy ends at once with CONTENT_FILTER; the model generates nothing."""
-    before = model_counters(mesh)
+    before = settled_counters(mesh)
     text, final = _collect(mesh.address("gateway"), request("You are a fucking idiot, answer me.", max_tokens=20))
     assert text == ""
     assert final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER

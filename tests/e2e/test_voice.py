@@ -12,7 +12,7 @@ import pytest
 from llmmesh.launcher import Mesh
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import model_counters, request
+from .conftest import model_counters, request, settled_counters
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ _CONJUNCTION_NEXT = re.compile(r"^\s(and|but|or|so|because|although|though|while
 
 def test_clause_chunks_end_at_boundaries_and_arrive_before_the_model_finishes(gateway: Stub, mesh: Mesh) -> None:
     """CLAUSE mode: every chunk but the last ends at punctuation or before a conjunction; the first comes early."""
-    before = model_counters(mesh)["tokens"]
+    before = settled_counters(mesh)["tokens"]
     req = request("Describe Paris in a few sentences.", temperature=0.0, max_tokens=120)
     req.chunking = generation_pb2.CHUNKING_MODE_CLAUSE
     chunks: list[generation_pb2.Chunk] = []
@@ -73,7 +73,7 @@ def _converse(
 
 def test_barge_in_stops_the_model_and_acknowledges_what_was_delivered(gateway: Stub, mesh: Mesh) -> None:
     """An interrupt after the 5th chunk cancels the Triton generation; the ack's text equals what was received."""
-    before = model_counters(mesh)
+    before = settled_counters(mesh)
     req = request("Write a long story about a dragon.", temperature=0.0, max_tokens=400)
     received, last = _converse(gateway, req, interrupt_after=5)
     assert last.HasField("interrupted"), last

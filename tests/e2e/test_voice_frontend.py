@@ -15,7 +15,7 @@ from llmmesh.client import AsyncClient, Chunking, FinishReason
 from llmmesh.launcher import Mesh
 from llmmesh.voice import EspeakNg, VoiceFrontEnd
 
-from .conftest import model_counters
+from .conftest import model_counters, settled_counters
 
 pytestmark = [
     pytest.mark.e2e,
@@ -69,7 +69,7 @@ async def test_barge_in_stops_the_triton_generation_and_reports_a_prefix_of_the_
     """Interrupted after the first chunk has been played: Triton's request is cancelled, the heard text is
     the played chunk, a prefix of the full (greedy) answer, and the WAV holds only that."""
     prompt, params = "Write a long story about a dragon.", {"max_tokens": 800, "temperature": 0.0}
-    before = model_counters(mesh)
+    before = settled_counters(mesh)
     async with AsyncClient(mesh.address("gateway")) as client:
         # Fast speech so the first clause has finished playing long before 800 tokens are generated.
         front_end = VoiceFrontEnd(client, EspeakNg(words_per_minute=450), realtime=True, live_playback=False)
