@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from llmmesh.client.errors import DeadlineExceededError, IncompleteStreamError, MeshError
+from llmmesh.client.options import ClientConfig, Metadata
+from llmmesh.client.request import with_request_id
+from llmmesh.client.results import Chunk, FinalResult
 from llmmesh.client.retry import Deadline, RetryPolicy
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["INTERRUPT", "deadline_error", "incomplete", "retry_delay"]
+__all__ = ["INTERRUPT", "GenerationState", "deadline_error", "incomplete", "retry_delay"]
 
 INTERRUPT = generation_pb2.ConverseRequest(interrupt=generation_pb2.Interrupt())
 
@@ -29,3 +34,39 @@ def retry_delay(
         # Part of an answer was delivered: a second generation could contradict it.
         return None
     return policy.delay(attempt, error.code, error.retry_after, deadline.remaining())
+
+
+class GenerationState:
+    """What a `Generate` call holds, whether it is read blocking or awaited (see sync.py and aio.py)."""
+
+    def __init__(
+        self,
+        stub: Any,
+        request: generation_pb2.GenerateRequest,
+        config: ClientConfig,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> None:
+        self.request = with_request_id(request)
+        self.final: FinalResult | None = None
+        self.attempts = 0
+        self._stub = stub
+        self._config = config
+        self._deadline = Deadline(timeout)
+        self._metadata = config.call_metadata(metadata)
+        self._call: Any = None
+        self._done = False
+
+    def _accept(self, response: generation_pb2.GenerateResponse) -> Chunk | None:
+        """The chunk a response carries, or None once it was the final message (then `final` is set)."""
+        if response.HasField("final"):
+            self.final = FinalResult.from_proto(response.final)
+            self._done = True
+            return None
+        return Chunk.from_proto(response.chunk)
+
+    def cancel(self) -> None:
+        """Stops the generation (the mesh cancels the Triton request); further iteration ends."""
+        if self._call is not None and not self._done:
+            self._call.cancel()
+        self._done = True

@@ -15,7 +15,7 @@ from typing import Any, Unpack
 import grpc
 import grpc.aio
 
-from llmmesh.client._common import INTERRUPT, deadline_error, incomplete, retry_delay
+from llmmesh.client._common import INTERRUPT, GenerationState, deadline_error, incomplete, retry_delay
 from llmmesh.client.errors import MeshError, error_from_rpc
 from llmmesh.client.options import ClientConfig, Credentials, Metadata, TlsConfig
 from llmmesh.client.request import RequestParams, build_request, with_request_id
@@ -28,26 +28,8 @@ __all__ = ["AsyncClient", "AsyncGeneration", "AsyncVoiceSession"]
 Prompt = str | list[tuple[str, str]] | generation_pb2.GenerateRequest
 
 
-class AsyncGeneration:
+class AsyncGeneration(GenerationState):
     """One `Generate` call as an async iterator of chunks; `final` is set once the stream completed."""
-
-    def __init__(
-        self,
-        stub: Any,
-        request: generation_pb2.GenerateRequest,
-        config: ClientConfig,
-        timeout: float | None,
-        metadata: Metadata | None,
-    ) -> None:
-        self.request = with_request_id(request)
-        self.final: FinalResult | None = None
-        self.attempts = 0
-        self._stub = stub
-        self._config = config
-        self._deadline = Deadline(timeout)
-        self._metadata = config.call_metadata(metadata)
-        self._call: Any = None
-        self._done = False
 
     def __aiter__(self) -> AsyncGeneration:
         return self
@@ -68,11 +50,10 @@ class AsyncGeneration:
             if self.final is None:
                 raise incomplete()
             raise StopAsyncIteration
-        if response.HasField("final"):
-            self.final = FinalResult.from_proto(response.final)
-            self._done = True
+        chunk = self._accept(response)
+        if chunk is None:
             raise StopAsyncIteration
-        return Chunk.from_proto(response.chunk)
+        return chunk
 
     async def _first(self) -> Any:
         while True:
@@ -97,12 +78,6 @@ class AsyncGeneration:
         chunks = tuple([chunk async for chunk in self])
         assert self.final is not None
         return Result("".join(c.text for c in chunks), chunks, self.final)
-
-    def cancel(self) -> None:
-        """Stops the generation (the mesh cancels the Triton request); further iteration ends."""
-        if self._call is not None and not self._done:
-            self._call.cancel()
-        self._done = True
 
     async def __aenter__(self) -> AsyncGeneration:
         return self

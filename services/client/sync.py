@@ -18,7 +18,7 @@ from typing import Any, Unpack
 
 import grpc
 
-from llmmesh.client._common import INTERRUPT, deadline_error, incomplete, retry_delay
+from llmmesh.client._common import INTERRUPT, GenerationState, deadline_error, incomplete, retry_delay
 from llmmesh.client.errors import MeshError, error_from_rpc
 from llmmesh.client.options import ClientConfig, Credentials, Metadata, TlsConfig
 from llmmesh.client.request import RequestParams, build_request, with_request_id
@@ -31,30 +31,12 @@ __all__ = ["Client", "Generation", "VoiceSession"]
 Prompt = str | list[tuple[str, str]] | generation_pb2.GenerateRequest
 
 
-class Generation(Iterator[Chunk]):
+class Generation(GenerationState, Iterator[Chunk]):
     """One `Generate` call: iterate it for chunks; `final` is set once the stream completed.
 
     The call starts on the first `next()`. Until a first message arrives, retryable failures are retried
     within the one deadline; after that every failure is raised as a `MeshError`.
     """
-
-    def __init__(
-        self,
-        stub: Any,
-        request: generation_pb2.GenerateRequest,
-        config: ClientConfig,
-        timeout: float | None,
-        metadata: Metadata | None,
-    ) -> None:
-        self.request = with_request_id(request)
-        self.final: FinalResult | None = None
-        self.attempts = 0
-        self._stub = stub
-        self._config = config
-        self._deadline = Deadline(timeout)
-        self._metadata = config.call_metadata(metadata)
-        self._call: Any = None
-        self._done = False
 
     def __next__(self) -> Chunk:
         if self._done:
@@ -72,11 +54,10 @@ class Generation(Iterator[Chunk]):
         except MeshError:
             self._done = True
             raise
-        if response.HasField("final"):
-            self.final = FinalResult.from_proto(response.final)
-            self._done = True
+        chunk = self._accept(response)
+        if chunk is None:
             raise StopIteration
-        return Chunk.from_proto(response.chunk)
+        return chunk
 
     def _first(self) -> generation_pb2.GenerateResponse:
         while True:
@@ -104,12 +85,6 @@ class Generation(Iterator[Chunk]):
         chunks = tuple(self)
         assert self.final is not None
         return Result("".join(c.text for c in chunks), chunks, self.final)
-
-    def cancel(self) -> None:
-        """Stops the generation (the mesh cancels the Triton request); further iteration ends."""
-        if self._call is not None and not self._done:
-            self._call.cancel()
-        self._done = True
 
     def __enter__(self) -> Generation:
         return self
