@@ -23,12 +23,13 @@ demo: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/llmmesh up
 
-# Debian packages some tests use: docker-compose (validates compose files offline) and espeak-ng (the
-# voice front end's TTS). Without them those tests are skipped with a reason.
+# Debian packages some tests use: docker-compose (validates compose files offline), espeak-ng (the
+# voice front end's TTS) and redis-server (the shared result cache; tests start their own on loopback).
+# Without them those tests are skipped with a reason.
 sysdeps:
-	@command -v docker-compose >/dev/null && command -v espeak-ng >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose espeak-ng >/dev/null; } || \
-	  echo "warning: could not install docker-compose/espeak-ng; their tests will be skipped"
+	@command -v docker-compose >/dev/null && command -v espeak-ng >/dev/null && command -v redis-server >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose espeak-ng redis-server >/dev/null; } || \
+	  echo "warning: could not install docker-compose/espeak-ng/redis-server; their tests will be skipped"
 
 test: sysdeps lint
 	$(VENV)/bin/pytest -p no:cacheprovider
