@@ -112,7 +112,8 @@ class Orchestrator:
         started = time.monotonic()
         deadline = _Deadline(timeout)
         request_id = request.request_id or uuid.uuid4().hex
-        if not request.request_id:
+        client_request_id = bool(request.request_id)
+        if not client_request_id:
             named = generation_pb2.GenerateRequest()
             named.CopyFrom(request)
             named.request_id = request_id
@@ -157,6 +158,10 @@ class Orchestrator:
                 pad_id=prepared.pad_id,
                 sampling=prepared.sampling,
                 stop_token_ids=prepared.stop_token_ids,
+                request_hash=prepared.request_hash,
+                shareable=prepared.shareable,
+                client_request_id=client_request_id,
+                priority=request.priority,
             ),
             timeout=deadline.remaining(),
         )
@@ -202,6 +207,11 @@ class Orchestrator:
             raise state.error
         if done is None:
             raise Unavailable("postprocess ended the stream without a result")
+        if done.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER and prepared.shareable:
+            # Filtered text is never served from the result cache.
+            await _quietly(
+                self._stages.infer.Forget(infer_pb2.ForgetRequest(request_hash=prepared.request_hash), timeout=2.0)
+            )
         if done.token_ids and done.finish_reason in (
             generation_pb2.FINISH_REASON_STOP,
             generation_pb2.FINISH_REASON_LENGTH,
@@ -223,6 +233,8 @@ class Orchestrator:
             model=prepared.model,
             matched_stop=done.matched_stop,
             filter_category=done.filter_category,
+            reuse=state.reuse,
+            reuse_detail=prepared.not_shareable_reason if state.reuse == generation_pb2.REUSE_NOT_SHAREABLE else "",
         )
         _record(span, final, started, handed_to_model, first_token_at, first_speakable_at, finished)
         yield generation_pb2.GenerateResponse(final=final)
@@ -255,6 +267,7 @@ class Orchestrator:
                 if response.finish_reason:
                     reason = response.finish_reason
                     state.completion_tokens = response.completion_tokens
+                    state.reuse = response.reuse
             if not reason:
                 raise Unavailable("infer ended the stream without a finish reason")
             await post_call.write(postprocess_pb2.ProcessRequest(end=postprocess_pb2.End(finish_reason=reason)))
@@ -316,6 +329,7 @@ def _record(
         completion_tokens=usage.completion_tokens,
         finish_reason=reason,
         filter_category=final.filter_category or None,
+        reuse=generation_pb2.Reuse.Name(final.reuse).removeprefix("REUSE_").lower(),
         queue_ms=final.timings.queue_ms,
         time_to_first_token_ms=final.timings.time_to_first_token_ms,
         time_to_first_speakable_chunk_ms=final.timings.time_to_first_speakable_chunk_ms,
@@ -327,4 +341,5 @@ def _record(
 class _PumpState:
     tokens_seen: int = 0
     completion_tokens: int = 0
+    reuse: generation_pb2.Reuse.ValueType = generation_pb2.REUSE_UNSPECIFIED
     error: BaseException | None = None
