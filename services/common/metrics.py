@@ -10,7 +10,14 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "ADMISSION_QUEUE_DEPTH",
+    "ADMISSION_QUEUE_WAIT",
+    "ADMISSION_REJECTIONS",
+    "CACHE_BYTES",
+    "CACHE_BYTES_WRITTEN",
+    "CACHE_LOOKUPS",
     "COMPLETION_TOKENS",
+    "DEDUP_JOINS",
     "E2E_LATENCY",
     "INFLIGHT_STREAMS",
     "INTER_TOKEN_LATENCY",
@@ -66,3 +73,29 @@ COMPLETION_TOKENS = Counter("llmmesh_completion_tokens", "Generated tokens of co
 
 # Postprocess: safety decisions.
 SAFETY_BLOCKS = Counter("llmmesh_safety_blocks", "Streams ended by the safety filter, by category", ["category"])
+
+# Infer: dedup and the result cache (issue 3).
+DEDUP_JOINS = Counter(
+    "llmmesh_dedup_joins",
+    "Requests served by another request's generation: joined in flight (same request hash) or by request id",
+    ["kind"],
+)
+CACHE_LOOKUPS = Counter("llmmesh_cache_lookups", "Result cache lookups of shareable requests", ["result"])
+CACHE_BYTES = Gauge("llmmesh_cache_bytes", "Bytes held by the in-process result cache")
+CACHE_BYTES_WRITTEN = Counter("llmmesh_cache_written_bytes", "Bytes written to the shared (Redis) result cache")
+
+# Gateway: admission control (services/gateway/admission.py).
+ADMISSION_QUEUE_DEPTH = Gauge(
+    "llmmesh_admission_queue_depth", "Requests waiting for an in-flight slot, by priority", ["priority"]
+)
+ADMISSION_REJECTIONS = Counter(
+    "llmmesh_admission_rejections",
+    "Requests refused with RESOURCE_EXHAUSTED, by reason (capacity, rate_limited, shed)",
+    ["reason"],
+)
+ADMISSION_QUEUE_WAIT = Histogram(
+    "llmmesh_admission_queue_wait_seconds",
+    "Time an admitted request waited for its in-flight slot, by priority",
+    ["priority"],
+    buckets=_QUEUE_BUCKETS,
+)

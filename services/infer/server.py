@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -11,7 +12,9 @@ from llmmesh.common.logging import get_logger
 from llmmesh.common.server import Service, build_server, grpc_options
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.infer.backend import InferenceBackend, TritonBackend
+from llmmesh.infer.result_store import MemoryStore, RedisStore, ResultStore
 from llmmesh.infer.servicer import InferServicer
+from llmmesh.infer.sharing import SharingHub, SharingPolicy
 from llmmesh.stages.v1 import infer_pb2, infer_pb2_grpc
 
 __all__ = ["InferSettings", "create_server"]
@@ -29,6 +32,35 @@ class InferSettings(ServiceSettings):
     # How often Triton's readiness is checked for the health status.
     health_interval_seconds: float = Field(default=1.0, gt=0)
 
+    # Dedup (see infer/sharing.py): identical deterministic requests share one generation, completed ones
+    # are replayed from the result cache, client request ids are idempotent. False: every request generates.
+    dedup: bool = True
+    # Where results and request ids are kept: "memory" (this process) or "redis" (shared by replicas).
+    cache_backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Completed shareable results are replayed for this long; the in-process cache holds at most this many bytes.
+    cache_ttl_seconds: float = Field(default=300.0, gt=0)
+    cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # A client's request id, resent within this window, attaches to or replays its first request.
+    idempotency_window_seconds: float = Field(default=600.0, gt=0)
+
+
+def _policy(settings: InferSettings) -> SharingPolicy:
+    return SharingPolicy(
+        enabled=settings.dedup,
+        cache_ttl_seconds=settings.cache_ttl_seconds,
+        idempotency_window_seconds=settings.idempotency_window_seconds,
+    )
+
+
+def _store(settings: InferSettings) -> ResultStore | None:
+    if not settings.dedup:
+        return None
+    if settings.cache_backend == "redis":
+        log.info("result_store", backend="redis", url=settings.redis_url.split("@")[-1])
+        return RedisStore(settings.redis_url)
+    return MemoryStore(settings.cache_max_bytes, settings.cache_ttl_seconds, settings.idempotency_window_seconds)
+
 
 async def _watch(service: Service, backend: InferenceBackend, interval: float) -> None:
     serving: bool | None = None
@@ -42,14 +74,24 @@ async def _watch(service: Service, backend: InferenceBackend, interval: float) -
 
 
 async def create_server(settings: InferSettings, backend: InferenceBackend | None = None) -> Service:
-    backend = backend or TritonBackend(settings.triton_url, settings.models, grpc_options(settings))
+    # Reconnect to a restarted Triton within a second (gRPC's default backoff grows to 120 s): readiness,
+    # and so SERVING, comes back as soon as Triton does, without restarting infer.
+    options = [
+        *grpc_options(settings),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    backend = backend or TritonBackend(settings.triton_url, settings.models, options)
+    hub = SharingHub(backend, _store(settings), _policy(settings))
     name = infer_pb2.DESCRIPTOR.services_by_name["InferService"].full_name
     service = build_server(
         "infer",
         settings,
         [name],
-        lambda server: infer_pb2_grpc.add_InferServiceServicer_to_server(InferServicer(backend), server),
+        lambda server: infer_pb2_grpc.add_InferServiceServicer_to_server(InferServicer(hub), server),
     )
     service.tasks.append(asyncio.create_task(_watch(service, backend, settings.health_interval_seconds)))
+    service.closers.append(hub.close)
     service.closers.append(backend.close)
     return service

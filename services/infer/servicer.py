@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import grpc.aio
 
 from llmmesh.common.logging import get_logger
-from llmmesh.common.streams import coalesce
-from llmmesh.infer.backend import Generation, InferenceBackend
+from llmmesh.infer.backend import Generation
+from llmmesh.infer.sharing import SharingHub
 from llmmesh.stages.v1 import infer_pb2, infer_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
@@ -31,22 +31,43 @@ def _generation_from_proto(req: infer_pb2.InferRequest) -> Generation:
         top_k=s.top_k,
         seed=s.seed if s.HasField("seed") else None,
         stop_token_ids=[list(w.ids) for w in req.stop_token_ids],
+        priority=req.priority,
     )
 
 
+_REUSE = {
+    "none": generation_pb2.REUSE_NONE,
+    "not_shareable": generation_pb2.REUSE_NOT_SHAREABLE,
+    "joined_in_flight": generation_pb2.REUSE_JOINED_IN_FLIGHT,
+    "cache_hit": generation_pb2.REUSE_CACHE_HIT,
+    "deduplicated": generation_pb2.REUSE_DEDUPLICATED,
+    "disabled": generation_pb2.REUSE_DISABLED,
+}
+_FINISH = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH}
+
+
 class InferServicer(infer_pb2_grpc.InferServiceServicer):
-    def __init__(self, backend: InferenceBackend) -> None:
-        self._backend = backend
+    def __init__(self, hub: SharingHub) -> None:
+        self._hub = hub
 
     async def Generate(
         self, request: infer_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[infer_pb2.InferResponse]:
-        gen = _generation_from_proto(request)
-        generated = 0
-        async for ids in coalesce(self._backend.generate(gen, timeout=context.time_remaining())):
-            generated += len(ids)
-            yield infer_pb2.InferResponse(token_ids=ids)
-        reason = (
-            generation_pb2.FINISH_REASON_LENGTH if generated >= gen.max_tokens else generation_pb2.FINISH_REASON_STOP
+        sub = await self._hub.subscribe(
+            _generation_from_proto(request),
+            request_hash=request.request_hash,
+            shareable=request.shareable,
+            client_request_id=request.client_request_id,
+            timeout=context.time_remaining(),
         )
-        yield infer_pb2.InferResponse(finish_reason=reason, completion_tokens=generated)
+        async for ids in sub:
+            yield infer_pb2.InferResponse(token_ids=ids)
+        yield infer_pb2.InferResponse(
+            finish_reason=_FINISH[sub.finish], completion_tokens=sub.completion_tokens, reuse=_REUSE[sub.reuse]
+        )
+
+    async def Forget(
+        self, request: infer_pb2.ForgetRequest, context: grpc.aio.ServicerContext
+    ) -> infer_pb2.ForgetResponse:
+        await self._hub.forget(request.request_hash)
+        return infer_pb2.ForgetResponse()

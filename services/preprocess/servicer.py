@@ -7,6 +7,7 @@ from opentelemetry import trace
 
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.safety import Classifier, PolicyStore, check_prompt
+from llmmesh.preprocess.dedup import request_hash, shareability
 from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
@@ -83,6 +84,8 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         response.chunking = request.request.chunking
         policy = self._policies.current()
         response.safety_policy_version = policy.version
+        response.request_hash = request_hash(prepared, policy.version)
+        response.shareable, response.not_shareable_reason = shareability(prepared)
         with _tracer.start_as_current_span("safety_check_prompt") as span:
             classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
             blocked = await check_prompt(policy, _prompt_text(request.request), classifier)

@@ -1,0 +1,268 @@
+"""The sharing hub with a scripted backend (a fake of Triton, for a unit test about its caller)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from llmmesh.common.errors import InvalidArgument, Unavailable
+from llmmesh.infer.backend import Generation
+from llmmesh.infer.result_store import MemoryStore, StoredResult, decode_result, encode_result
+from llmmesh.infer.sharing import SharingHub, SharingPolicy, Subscription
+
+TOKENS = list(range(100, 140))
+
+
+class ScriptedBackend:
+    """Streams TOKENS one at a time, each after `gap` seconds; counts generations and cancels."""
+
+    def __init__(self, gap: float = 0.002, fail_after: int | None = None) -> None:
+        self.gap = gap
+        self.fail_after = fail_after
+        self.started = 0
+        self.cancelled = 0
+        self.completed = 0
+
+    async def generate(self, gen: Generation, timeout: float | None = None) -> AsyncIterator[list[int]]:
+        self.started += 1
+        try:
+            for i, tok in enumerate(TOKENS[: gen.max_tokens]):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise Unavailable("triton went away")
+                await asyncio.sleep(self.gap)
+                yield [tok]
+            self.completed += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+    async def ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+def gen(request_id: str = "r", max_tokens: int = 40) -> Generation:
+    return Generation(
+        request_id=request_id,
+        model="m",
+        input_ids=[1, 2, 3],
+        max_tokens=max_tokens,
+        end_id=2,
+        pad_id=2,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        seed=None,
+    )
+
+
+def hub(backend: ScriptedBackend, enabled: bool = True) -> SharingHub:
+    store = MemoryStore(1 << 20, result_ttl=60, request_id_ttl=60)
+    return SharingHub(backend, store, SharingPolicy(enabled=enabled, batch_tokens=16))
+
+
+async def collect(sub: Subscription, stop_after: int | None = None) -> list[int]:
+    out: list[int] = []
+    async with contextlib.aclosing(sub.__aiter__()) as stream:
+        async for ids in stream:
+            out.extend(ids)
+            if stop_after is not None and len(out) >= stop_after:
+                break
+    return out
+
+
+async def subscribe(
+    h: SharingHub, g: Generation, key: str = "k", shareable: bool = True, rid: bool = False
+) -> Subscription:
+    return await h.subscribe(g, request_hash=key, shareable=shareable, client_request_id=rid)
+
+
+async def test_identical_shareable_requests_share_one_generation() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    subs = [await subscribe(h, gen(f"r{i}")) for i in range(20)]
+    results = await asyncio.gather(*(collect(s) for s in subs))
+    assert backend.started == 1
+    assert all(r == TOKENS for r in results)
+    assert subs[0].reuse == "none" and all(s.reuse == "joined_in_flight" for s in subs[1:])
+    assert {s.finish for s in subs} == {"length"} and subs[5].completion_tokens == len(TOKENS)
+
+
+async def test_a_late_joiner_gets_everything_generated_so_far_then_the_tail() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    leader = await subscribe(h, gen("a"))
+    seen: list[int] = []
+
+    async def lead() -> None:
+        async for ids in leader:
+            seen.extend(ids)
+
+    task = asyncio.create_task(lead())
+    while len(seen) < 10:  # noqa: ASYNC110 - polling the leader's progress is the point here
+        await asyncio.sleep(0.001)
+    follower = await subscribe(h, gen("b"))
+    assert follower.reuse == "joined_in_flight"
+    pieces = [ids async for ids in follower]
+    await task
+    assert [i for p in pieces for i in p] == TOKENS == seen
+    assert len(pieces[0]) >= 10  # the replay of what came before it joined arrives at once
+    assert backend.started == 1
+
+
+async def test_the_leaders_cancel_does_not_end_the_followers() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    leader = await subscribe(h, gen("a"))
+    followers = [await subscribe(h, gen(f"f{i}")) for i in range(3)]
+    tasks = [asyncio.create_task(collect(f)) for f in followers]
+    assert len(await collect(leader, stop_after=5)) >= 5  # the leader goes away mid-stream
+    assert [await t for t in tasks] == [TOKENS] * 3
+    assert backend.started == 1 and backend.cancelled == 0 and backend.completed == 1
+
+
+async def test_a_followers_cancel_never_hurts_the_others() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    leader = await subscribe(h, gen("a"))
+    quitter = await subscribe(h, gen("q"))
+    lead = asyncio.create_task(collect(leader))
+    await collect(quitter, stop_after=3)
+    assert await lead == TOKENS
+    assert backend.cancelled == 0
+
+
+async def test_the_generation_is_cancelled_when_every_subscriber_has_gone() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    subs = [await subscribe(h, gen(f"r{i}")) for i in range(3)]
+    tasks = [asyncio.create_task(collect(s)) for s in subs]
+    await asyncio.sleep(0.02)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.01)
+    assert backend.cancelled == 1 and backend.completed == 0
+    # Nothing partial was cached: the next identical request generates anew.
+    again = await subscribe(h, gen("x"))
+    assert await collect(again) == TOKENS and again.reuse == "none" and backend.started == 2
+
+
+@pytest.mark.parametrize(
+    ("second_key", "shareable"),
+    [("other-hash", True), ("k", False)],
+    ids=["different request hash", "sampled without a seed"],
+)
+async def test_requests_that_may_not_share_generate_separately(second_key: str, shareable: bool) -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    a = await subscribe(h, gen("a"), key="k", shareable=shareable)
+    b = await subscribe(h, gen("b"), key=second_key, shareable=shareable)
+    await asyncio.gather(collect(a), collect(b))
+    assert backend.started == 2
+    if not shareable:
+        assert a.reuse == b.reuse == "not_shareable"
+
+
+async def test_a_completed_result_is_replayed_from_the_cache_in_pieces() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    assert await collect(await subscribe(h, gen("a"))) == TOKENS
+    hit = await subscribe(h, gen("b"))
+    pieces = [ids async for ids in hit]
+    assert [i for p in pieces for i in p] == TOKENS and max(map(len, pieces)) <= 16 and len(pieces) > 1
+    assert hit.reuse == "cache_hit" and hit.finish == "length" and backend.started == 1
+
+
+async def test_forget_drops_a_cached_result() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    await collect(await subscribe(h, gen("a")))
+    await h.forget("k")
+    again = await subscribe(h, gen("b"))
+    await collect(again)
+    assert again.reuse == "none" and backend.started == 2
+
+
+async def test_forget_while_running_keeps_the_result_out_of_the_cache() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    first = await subscribe(h, gen("a"))
+    task = asyncio.create_task(collect(first))
+    await asyncio.sleep(0.01)
+    await h.forget("k")
+    await task
+    again = await subscribe(h, gen("b"))
+    await collect(again)
+    assert again.reuse == "none" and backend.started == 2
+
+
+async def test_a_resent_request_id_replays_its_result_even_when_sampled() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    first = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    assert await collect(first) == TOKENS
+    again = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    assert await collect(again) == TOKENS
+    assert again.reuse == "deduplicated" and backend.started == 1
+
+
+async def test_a_resent_request_id_attaches_to_its_running_generation() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    first = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    task = asyncio.create_task(collect(first))
+    await asyncio.sleep(0.01)
+    again = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    assert await collect(again) == TOKENS and await task == TOKENS
+    assert again.reuse == "deduplicated" and backend.started == 1
+
+
+async def test_a_request_id_reused_for_a_different_request_is_refused() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend)
+    await collect(await subscribe(h, gen("client-1"), key="h1", rid=True))
+    with pytest.raises(InvalidArgument) as err:
+        await subscribe(h, gen("client-1"), key="h2", rid=True)
+    assert err.value.field == "request_id" and "different request" in str(err.value)
+
+
+async def test_a_failure_reaches_every_subscriber_and_nothing_is_cached() -> None:
+    backend = ScriptedBackend(fail_after=5)
+    h = hub(backend)
+    subs = [await subscribe(h, gen(f"r{i}")) for i in range(3)]
+    results = await asyncio.gather(*(collect(s) for s in subs), return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results)
+    backend.fail_after = None
+    again = await subscribe(h, gen("x"))
+    assert await collect(again) == TOKENS and again.reuse == "none"
+
+
+async def test_with_dedup_off_every_request_generates() -> None:
+    backend = ScriptedBackend()
+    h = hub(backend, enabled=False)
+    subs = [await subscribe(h, gen(f"r{i}"), rid=True) for i in range(3)]
+    await asyncio.gather(*(collect(s) for s in subs))
+    assert backend.started == 3 and {s.reuse for s in subs} == {"disabled"}
+
+
+async def test_memory_store_is_bounded_in_bytes() -> None:
+    store = MemoryStore(max_bytes=1000, result_ttl=60, request_id_ttl=60)
+    big = StoredResult(list(range(200)), "length")  # 802 bytes encoded
+    await store.put_result("a", big, 60)
+    await store.put_result("b", big, 60)
+    assert await store.get_result("a") is None and await store.get_result("b") == big
+    await store.put_result("huge", StoredResult(list(range(1000)), "stop"), 60)
+    assert await store.get_result("huge") is None
+
+
+def test_results_round_trip_and_unknown_records_read_as_misses() -> None:
+    result = StoredResult([0, -1, 2**31 - 1, 49151], "stop")
+    assert decode_result(encode_result(result)) == result
+    assert decode_result(b"\x09s" + b"\x00" * 4) is None  # a future format version
+    assert decode_result(b"\x01s\x00") is None
