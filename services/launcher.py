@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmmesh.common.tls import client_credentials
 from llmmesh.infer.triton_server import TritonServer, repository_root
 
 __all__ = ["SERVICES", "Mesh", "MeshPorts", "free_port"]
@@ -61,8 +62,8 @@ class MeshPorts:
         return f"http://{host}:{getattr(self, f'{service}_metrics')}/metrics"
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as ch:
+def _serving(address: str, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    with grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials) as ch:
         try:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
         except grpc.RpcError:
@@ -85,6 +86,10 @@ class Mesh:
     triton_trace_url: str = ""
     # Triton's model repository; None = this checkout's triton_models/.
     model_repository: Path | None = None
+    # TLS: a directory written by `python -m llmmesh.common.devcerts` (ca.pem, <service>.pem/.key,
+    # public-ca.pem). Every service serves TLS, the stages require client certificates (mutual TLS), the
+    # gateway reaches them with its own certificate. None = plaintext.
+    tls_dir: Path | None = None
     triton: TritonServer | None = field(default=None, init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
 
@@ -122,22 +127,65 @@ class Mesh:
             if self.otlp_endpoint:
                 env[f"{prefix}OTLP_ENDPOINT"] = self.otlp_endpoint
                 env[f"{prefix}OTLP_PROTOCOL"] = self.otlp_protocol
+        if self.tls_dir is not None:
+            for name in SERVICES:
+                prefix = f"LLMMESH_{name.upper()}_"
+                env[f"{prefix}TLS_CERT_FILE"] = str(self.tls_dir / f"{name}.pem")
+                env[f"{prefix}TLS_KEY_FILE"] = str(self.tls_dir / f"{name}.key")
+                env[f"{prefix}TLS_CA_FILE"] = str(self.tls_dir / "ca.pem")
+            env["LLMMESH_GATEWAY_PUBLIC_CA_FILE"] = str(self.tls_dir / "public-ca.pem")
         env.update(self.env)
         return env
 
-    def start_service(self, name: str) -> subprocess.Popen[bytes]:
+    def probe_credentials(self) -> grpc.ChannelCredentials | None:
+        """What health checks present with `tls_dir`: the internal CA and the gateway's certificate."""
+        if self.tls_dir is None:
+            return None
+        d = self.tls_dir
+        return client_credentials(str(d / "ca.pem"), str(d / "gateway.pem"), str(d / "gateway.key"))
+
+    def start_service(
+        self, name: str, key: str | None = None, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Starts service `name`, kept in `procs[key]` (default: its name), with `env` over the mesh's."""
+        key = key or name
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{name}.log", "ab") as log:
+        with open(self.log_dir / f"{key}.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"llmmesh.{name}"],
-                env=self._service_env(),
+                env={**self._service_env(), **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self.procs[name] = proc
+        self.procs[key] = proc
         return proc
+
+    def start_replica(self, name: str, port: int, timeout: float = 60.0) -> str:
+        """One more process of stage `name` on `port` (metrics on a free port); returns its key in `procs`.
+
+        For fault tests: point the gateway at both (e.g. `LLMMESH_GATEWAY_PREPROCESS_URL=ipv4:HOST:P1,HOST:P2`).
+        """
+        key = f"{name}-{port}"
+        prefix = f"LLMMESH_{name.upper()}_"
+        self.start_service(name, key, {f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": str(free_port())})
+        deadline = time.monotonic() + timeout
+        while not _serving(f"{self.host}:{port}", self.probe_credentials()):
+            proc = self.procs[key]
+            if proc.poll() is not None:
+                raise RuntimeError(f"{key} exited with {proc.returncode}:\n{self.log_tail(key)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{key} not SERVING after {timeout:.0f} s")
+            time.sleep(0.2)
+        return key
+
+    def restart_triton(self, timeout: float = 120.0) -> None:
+        """Stops Triton (or reaps what a crash left: stubs, shared memory), then starts it on the same ports."""
+        assert self.triton is not None
+        self.triton.stop()
+        self.triton.start()
+        self.triton.wait_ready(timeout)
 
     def start(self, timeout: float = 180.0) -> None:
         """Starts everything and returns once Triton is ready and all four services report SERVING."""
@@ -165,12 +213,13 @@ class Mesh:
     def wait_serving(self, services: tuple[str, ...] = SERVICES, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         pending = list(services)
+        credentials = self.probe_credentials()
         while pending:
             for name in list(pending):
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-                if _serving(self.address(name)):
+                if _serving(self.address(name), credentials):
                     pending.remove(name)
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"not SERVING after {timeout:.0f} s: {', '.join(pending)}")
@@ -199,6 +248,7 @@ class Mesh:
     def stop(self) -> dict[str, int | None]:
         """Stops the gateway first, then the stages, then Triton; returns each exit code."""
         codes = {name: self.stop_service(name) for name in reversed(SERVICES)}
+        codes.update({key: self.stop_service(key) for key in list(self.procs)})  # replicas
         if self.triton is not None:
             codes["triton"] = self.triton.stop()
             self.triton = None

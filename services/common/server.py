@@ -24,6 +24,7 @@ from llmmesh.common.errors import StatusInterceptor
 from llmmesh.common.logging import configure_logging, get_logger
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.common.telemetry import client_interceptors, server_interceptors, setup_telemetry
+from llmmesh.common.tls import channel_credentials, server_credentials
 
 __all__ = ["Service", "build_server", "channel", "grpc_options", "run_service"]
 
@@ -55,6 +56,9 @@ def channel(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
+    credentials = channel_credentials(settings)
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=client_interceptors())
     return grpc.aio.insecure_channel(target, options=options, interceptors=client_interceptors())
 
 
@@ -102,8 +106,17 @@ def build_server(
     settings: ServiceSettings,
     service_names: Sequence[str],
     add_servicers: Callable[[grpc.aio.Server], None],
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    require_client_auth: bool = True,
+    client_ca_file: str = "",
 ) -> Service:
-    """A server with the status interceptor, health, reflection and size limits, bound to its port."""
+    """A server with the status interceptor, health, reflection and size limits, bound to its port.
+
+    `interceptors` run inside the status interceptor (their aborts are counted by status code). The port
+    speaks TLS when the settings name a certificate; `require_client_auth` and `client_ca_file` are passed
+    to `llmmesh.common.tls.server_credentials` (internal services: mutual TLS whenever a CA is set).
+    """
     # Tracing first, so the status interceptor's outcome (and its log line) belongs to the RPC's span.
     options = [
         *grpc_options(settings),
@@ -115,7 +128,7 @@ def build_server(
         # past which the server answers GOAWAY "too_many_pings" and streams on that connection fail).
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ]
-    server = grpc.aio.server(interceptors=[*server_interceptors(), StatusInterceptor()], options=options)
+    server = grpc.aio.server(interceptors=[*server_interceptors(), StatusInterceptor(), *interceptors], options=options)
     add_servicers(server)
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -123,7 +136,9 @@ def build_server(
     reflection.enable_server_reflection(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    credentials = server_credentials(settings, require_client_auth, client_ca_file)
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"{name}: cannot bind {settings.host}:{settings.port}")
     return Service(name=name, server=server, port=port, health=servicer, service_names=names)

@@ -6,9 +6,9 @@ the environment at import time: `Settings()` is called by the entry point and pa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ServiceSettings"]
@@ -35,3 +35,18 @@ class ServiceSettings(BaseSettings):
     otlp_protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
     # Share of new traces recorded; a request that arrives with a sampled parent is always recorded.
     trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    # TLS (see services/common/tls.py): PEM files; all empty = plaintext. This service's certificate serves
+    # its port and is also presented as client certificate on its outgoing channels.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # The CA that signs the mesh's peers. Set: the server requires client certificates it signed (mutual
+    # TLS; the gateway's public port only with `public_client_auth`) and outgoing channels use TLS,
+    # verifying servers against it. Empty: no client certificates asked for, outgoing channels plaintext.
+    tls_ca_file: str = ""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        return self

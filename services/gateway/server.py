@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.logging import get_logger
 from llmmesh.common.server import Service, build_server, channel
 from llmmesh.common.settings import ServiceSettings
+from llmmesh.gateway.admission import AdmissionController, AdmissionLimits
+from llmmesh.gateway.auth import AuthInterceptor, KeyTable
 from llmmesh.gateway.orchestrator import Orchestrator, Stages
 from llmmesh.gateway.servicer import GatewayServicer
 from llmmesh.stages.v1 import infer_pb2_grpc, postprocess_pb2_grpc, preprocess_pb2_grpc
@@ -31,6 +34,28 @@ class GatewaySettings(ServiceSettings):
     health_interval_seconds: float = Field(default=1.0, gt=0)
     # A request waits at most this long for an unconnected stage before failing with UNAVAILABLE.
     stage_connect_timeout_seconds: float = Field(default=2.0, gt=0)
+
+    # Admission control (admission.py): generations in flight, requests waiting for a slot (interactive
+    # ahead of batch), and a per-client token bucket (requests a second, burst; 0 = no rate limit).
+    max_inflight: int = Field(default=256, ge=1)
+    max_queued: int = Field(default=1024, ge=0)
+    rate_limit_per_second: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=0, ge=0)
+
+    # Security: callers' API keys (llmmesh.gateway.auth) and the public port's client certificates
+    # (llmmesh.common.tls). API keys from a file (one `name:key` or `key` per line) and/or a JSON list of
+    # the same strings; none at all = authentication off.
+    api_keys_file: str = ""
+    api_keys: tuple[SecretStr, ...] = ()
+    # Require a client certificate on the public port, signed by `public_ca_file` (empty = `tls_ca_file`).
+    public_client_auth: bool = False
+    public_ca_file: str = ""
+
+    @model_validator(mode="after")
+    def _public_client_auth_needs_tls(self) -> Self:
+        if self.public_client_auth and not (self.tls_cert_file and (self.public_ca_file or self.tls_ca_file)):
+            raise ValueError("public_client_auth needs tls_cert_file, tls_key_file and a CA to check clients against")
+        return self
 
 
 async def _stage_serving(channel_: grpc.aio.Channel) -> bool:
@@ -53,6 +78,12 @@ async def _watch(service: Service, channels: dict[str, grpc.aio.Channel], interv
         await asyncio.sleep(interval)
 
 
+def _auth_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterceptor]:
+    keys = KeyTable.from_sources(settings.api_keys_file, [k.get_secret_value() for k in settings.api_keys])
+    log.info("caller_auth", enabled=bool(len(keys)), keys=len(keys))
+    return [AuthInterceptor(keys)] if len(keys) else []
+
+
 async def create_server(settings: GatewaySettings) -> Service:
     channels = {
         "preprocess": channel(settings.preprocess_url, settings),
@@ -66,14 +97,22 @@ async def create_server(settings: GatewaySettings) -> Service:
         channels=channels,
         connect_timeout=settings.stage_connect_timeout_seconds,
     )
+    admission = AdmissionController(
+        AdmissionLimits(
+            settings.max_inflight, settings.max_queued, settings.rate_limit_per_second, settings.rate_limit_burst
+        )
+    )
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
     service = build_server(
         "gateway",
         settings,
         [name],
         lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GatewayServicer(Orchestrator(stages)), server
+            GatewayServicer(Orchestrator(stages), admission), server
         ),
+        interceptors=_auth_interceptors(settings),
+        require_client_auth=settings.public_client_auth,
+        client_ca_file=settings.public_ca_file,
     )
     service.tasks.append(asyncio.create_task(_watch(service, channels, settings.health_interval_seconds)))
     for ch in channels.values():
