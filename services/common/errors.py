@@ -8,12 +8,18 @@ unexpected becomes INTERNAL, logged with its traceback.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from llmmesh.common.logging import get_logger
 from llmmesh.common.metrics import INFLIGHT_STREAMS, RPCS
@@ -25,6 +31,7 @@ __all__ = [
     "ResourceExhausted",
     "StatusInterceptor",
     "Unavailable",
+    "retry_status",
 ]
 
 log = get_logger(__name__)
@@ -47,7 +54,13 @@ class InvalidArgument(LlmmeshError):
 
 
 class ResourceExhausted(LlmmeshError):
+    """Load shed; with `retry_after` (seconds) the status carries google.rpc.RetryInfo and retry-after trailers."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(LlmmeshError):
@@ -71,6 +84,27 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
+
+
+def retry_status(code: grpc.StatusCode, message: str, retry_after: float) -> grpc.Status:
+    """A status with google.rpc.RetryInfo, plus `retry-after` (whole seconds) and `retry-after-ms` trailers.
+
+    The trailers are for clients that do not read rich status details.
+    """
+    delay = duration_pb2.Duration(seconds=int(retry_after), nanos=round((retry_after % 1) * 1e9) % 1_000_000_000)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    rich = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+    trailers = (
+        *rich.trailing_metadata,
+        ("retry-after", str(max(1, math.ceil(retry_after)))),
+        ("retry-after-ms", str(max(0, round(retry_after * 1000)))),
+    )
+    return _Status(rich.code, rich.details, trailers)
+
+
 async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
     mapped = _status_of(exc)
     if mapped is None:
@@ -79,7 +113,10 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
     else:
         code, message = mapped
         log.info("request_failed", code=code.name, message=message, method=method)
-        await context.abort(code, message)
+        if isinstance(exc, ResourceExhausted) and exc.retry_after is not None:
+            await context.abort_with_status(retry_status(code, message, exc.retry_after))
+        else:
+            await context.abort(code, message)
 
 
 def _really_cancelled() -> bool:
@@ -124,21 +161,124 @@ async def _outcome(method: str, context: grpc.aio.ServicerContext) -> AsyncItera
         RPCS.labels(method, code).inc()
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+# Undecodable requests. grpc.aio answers a request its deserializer cannot parse with UNKNOWN ("Unexpected
+# <class 'DecodeError'>"); python protobuf refuses e.g. invalid UTF-8 in a `string` field. The interceptor's
+# deserializer returns an `_Undecodable` instead of raising, and the wrapped handler turns it into
+# INVALID_ARGUMENT naming the field.
+
+
+class _Undecodable:
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _bad_utf8_field(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:
+    """The path of the first string field holding invalid UTF-8 (walking the wire format), if any."""
+    seen: dict[int, int] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            chunk, pos = data[pos : pos + size], pos + size
+            field = descriptor.fields_by_number.get(number)
+            if field is None:
+                continue
+            name = prefix + field.name
+            if field.label == FieldDescriptor.LABEL_REPEATED:
+                index = seen[number] = seen.get(number, -1) + 1
+                name = f"{name}[{index}]"
+            if field.type == FieldDescriptor.TYPE_STRING:
+                try:
+                    chunk.decode("utf-8")
+                except UnicodeDecodeError:
+                    return name
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                found = _bad_utf8_field(field.message_type, chunk, name + ".")
+                if found:
+                    return found
+        else:
+            return None
+    return None
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    descriptor: Descriptor | None = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    type_name = descriptor.full_name if descriptor is not None else "request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            field = None
+            if descriptor is not None:
+                try:
+                    field = _bad_utf8_field(descriptor, data)
+                except (IndexError, ValueError):
+                    field = None
+            if field is not None:
+                return _Undecodable(
+                    InvalidArgument(field, f"invalid UTF-8 in a string field (not a valid {type_name})")
+                )
+            return _Undecodable(InvalidArgument("request", f"not a valid {type_name} (malformed protobuf)"))
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.error
+        yield request
+
+
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], streamed_requests: bool
+) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _outcome(method, context):
-            return await behavior(request, context)
+            if isinstance(request, _Undecodable):
+                raise request.error
+            return await behavior(_checked(request) if streamed_requests else request, context)
 
     return wrapped
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]], streamed_requests: bool
+) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         gauge = INFLIGHT_STREAMS.labels(method)
         gauge.inc()
         try:
             async with _outcome(method, context):
-                async for item in behavior(request, context):
+                if isinstance(request, _Undecodable):
+                    raise request.error
+                async for item in behavior(_checked(request) if streamed_requests else request, context):
                     yield item
         finally:
             gauge.dec()
@@ -158,12 +298,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
             return handler
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary))
+            return handler._replace(unary_unary=_wrap_unary(method, handler.unary_unary, False))
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream))
+            return handler._replace(unary_stream=_wrap_stream(method, handler.unary_stream, False))
         if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(method, handler.stream_stream))
+            return handler._replace(stream_stream=_wrap_stream(method, handler.stream_stream, True))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(method, handler.stream_unary))
+            return handler._replace(stream_unary=_wrap_unary(method, handler.stream_unary, True))
         return handler

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from llmmesh.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from llmmesh.common.telemetry import client_interceptors
 
-__all__ = ["Generation", "InferenceBackend", "TritonBackend", "stop_words_tensor"]
+__all__ = ["TRITON_PRIORITY", "Generation", "InferenceBackend", "TritonBackend", "stop_words_tensor"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class Generation:
     top_k: int
     seed: int | None
     stop_token_ids: Sequence[Sequence[int]] = ()
+    # llmmesh.v1.Priority: 0 (unspecified) or 1 = interactive, 2 = batch.
+    priority: int = 0
+
+
+# Triton request priority levels (`priority` request parameter, uint64): 1 is the highest level and 0 means
+# the model's default. Interactive requests go at level 1, batch at level 2. A model whose scheduler has
+# priority levels (`dynamic_batching { priority_levels: 2 }`, TensorRT-LLM's in-flight batcher) serves
+# level 1 first; others ignore the parameter.
+TRITON_PRIORITY = {0: 1, 1: 1, 2: 2}
 
 
 class InferenceBackend(Protocol):
@@ -80,6 +89,7 @@ def build_request(gen: Generation, triton_model: str) -> service_pb2.ModelInferR
     """The TensorRT-LLM backend's inputs for one streamed generation, batch size 1."""
     req = service_pb2.ModelInferRequest(model_name=triton_model, id=gen.request_id)
     req.parameters["triton_enable_empty_final_response"].bool_param = True
+    req.parameters["priority"].uint64_param = TRITON_PRIORITY.get(gen.priority, TRITON_PRIORITY[0])
     ids = np.asarray([gen.input_ids], dtype=np.int32)
     _add(req, "input_ids", "INT32", ids)
     _add(req, "input_lengths", "INT32", np.asarray([[ids.shape[1]]], dtype=np.int32))

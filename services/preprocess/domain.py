@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.model_assets import ModelAssets
+from llmmesh.preprocess.dedup import normalize_text
 
 __all__ = ["ChatTurn", "PrepareInput", "Prepared", "Preparer", "ResolvedSampling", "SamplingInput"]
 
 _ROLES = frozenset({"system", "user", "assistant"})
+# C0 and C1 control characters and DEL, except tab, line feed and carriage return (U+0000 included).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_MAX_NAME_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,13 @@ class Limits:
     default_max_tokens: int = 256
     max_stop_strings: int = 16
     max_stop_chars: int = 256
+    # Ceiling on sampling.max_tokens, whatever the model's context length.
+    max_tokens_limit: int = 8192
+    # Characters of the prompt, or of all chat contents together.
+    max_prompt_chars: int = 65536
+    max_chat_messages: int = 256
+    # Characters of one chat message's content.
+    max_message_chars: int = 32768
 
 
 class Preparer:
@@ -86,13 +98,16 @@ class Preparer:
         self._limits = limits or Limits()
 
     def prepare(self, req: PrepareInput) -> Prepared:
+        self._check_input(req)
         model = req.model or self._default_model
         assets = self._models.get(model)
         if assets is None:
             raise InvalidArgument("model", f"unknown model {model!r}; served: {', '.join(sorted(self._models))}")
         sampling = self._resolve_sampling(req.sampling)
         stop = self._check_stop(req.sampling.stop)
-        text = assets.render_chat(self._messages(req))
+        # Normalised before templating, so the model sees what the request hash covers (see dedup.py).
+        messages = [{**m, "content": normalize_text(m["content"])} for m in self._messages(req)]
+        text = assets.render_chat(messages)
         input_ids = assets.encode(text)
         total = len(input_ids) + sampling.max_tokens
         if total > assets.context_length:
@@ -111,6 +126,35 @@ class Preparer:
             stop=stop,
             stop_token_ids=tuple(tuple(assets.encode(s)) for s in stop),
         )
+
+    def _check_input(self, req: PrepareInput) -> None:
+        """Sizes and characters of the free-text fields, before any of them is used."""
+        limits = self._limits
+        _check_name("request_id", req.request_id)
+        _check_name("model", req.model)
+        if req.prompt is not None:
+            if len(req.prompt) > limits.max_prompt_chars:
+                raise InvalidArgument("prompt", f"at most {limits.max_prompt_chars} characters, got {len(req.prompt)}")
+            _check_text("prompt", req.prompt)
+        if req.chat is not None:
+            if len(req.chat) > limits.max_chat_messages:
+                raise InvalidArgument(
+                    "chat.messages", f"at most {limits.max_chat_messages} messages, got {len(req.chat)}"
+                )
+            total = 0
+            for i, turn in enumerate(req.chat):
+                if len(turn.content) > limits.max_message_chars:
+                    raise InvalidArgument(
+                        f"chat.messages[{i}].content",
+                        f"at most {limits.max_message_chars} characters, got {len(turn.content)}",
+                    )
+                _check_text(f"chat.messages[{i}].content", turn.content)
+                _check_text(f"chat.messages[{i}].role", turn.role)
+                total += len(turn.content)
+            if total > limits.max_prompt_chars:
+                raise InvalidArgument(
+                    "chat.messages", f"at most {limits.max_prompt_chars} characters in all, got {total}"
+                )
 
     def _messages(self, req: PrepareInput) -> list[dict[str, str]]:
         if req.chat is not None:
@@ -138,6 +182,10 @@ class Preparer:
         max_tokens = self._limits.default_max_tokens if s.max_tokens is None else s.max_tokens
         if max_tokens <= 0:
             raise InvalidArgument("sampling.max_tokens", f"must be > 0, got {max_tokens}")
+        if max_tokens > self._limits.max_tokens_limit:
+            raise InvalidArgument(
+                "sampling.max_tokens", f"must be <= {self._limits.max_tokens_limit}, got {max_tokens}"
+            )
         temperature = 1.0 if s.temperature is None else s.temperature
         if not math.isfinite(temperature) or temperature < 0:
             raise InvalidArgument("sampling.temperature", f"must be >= 0, got {temperature}")
@@ -160,4 +208,21 @@ class Preparer:
                 raise InvalidArgument(
                     f"sampling.stop[{i}]", f"at most {limits.max_stop_chars} characters, got {len(s)}"
                 )
+            _check_text(f"sampling.stop[{i}]", s)
         return tuple(stop)
+
+
+def _check_text(field: str, text: str) -> None:
+    """No control characters other than tab, line feed and carriage return."""
+    found = _CONTROL.search(text)
+    if found is not None:
+        char = found.group()
+        raise InvalidArgument(field, f"control character U+{ord(char):04X} at position {found.start()} is not allowed")
+
+
+def _check_name(field: str, value: str) -> None:
+    if len(value) > _MAX_NAME_CHARS:
+        raise InvalidArgument(field, f"at most {_MAX_NAME_CHARS} characters, got {len(value)}")
+    _check_text(field, value)
+    if "\t" in value or "\n" in value or "\r" in value:
+        raise InvalidArgument(field, "must not contain tabs or line breaks")

@@ -31,6 +31,12 @@ class PreprocessSettings(ServiceSettings):
     default_max_tokens: int = Field(default=256, gt=0)
     max_stop_strings: int = Field(default=16, ge=0)
     max_stop_chars: int = Field(default=256, gt=0)
+    # Input limits (INVALID_ARGUMENT beyond them): max_tokens ceiling, prompt characters (all chat contents
+    # together), chat messages, characters of one chat message.
+    max_tokens_limit: int = Field(default=8192, gt=0)
+    max_prompt_chars: int = Field(default=65536, gt=0)
+    max_chat_messages: int = Field(default=256, gt=0)
+    max_message_chars: int = Field(default=32768, gt=0)
     # The safety policy that checks prompts (same file as postprocess's); empty = the default policy.
     safety_policy_path: str = ""
     # Triton's gRPC address for the policy's classifier; empty = prompts are checked without it.
@@ -44,7 +50,15 @@ async def create_server(settings: PreprocessSettings) -> Service:
         {name: assets for name in (settings.default_model, *settings.model_aliases)},
         settings.default_model,
         settings.default_system_prompt,
-        Limits(settings.default_max_tokens, settings.max_stop_strings, settings.max_stop_chars),
+        Limits(
+            settings.default_max_tokens,
+            settings.max_stop_strings,
+            settings.max_stop_chars,
+            max_tokens_limit=settings.max_tokens_limit,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_chat_messages=settings.max_chat_messages,
+            max_message_chars=settings.max_message_chars,
+        ),
     )
     policies = PolicyStore(settings.safety_policy_path or None)
     classifier = (

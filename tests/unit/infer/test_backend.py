@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from llmmesh.infer.backend import Generation, build_request, stop_words_tensor
@@ -38,3 +40,10 @@ def test_no_seed_and_no_stop_words_leave_those_inputs_out() -> None:
     req = build_request(Generation("r", "m", [1], 4, 2, 2, 1.0, 1.0, 0, None), "m")
     names = {t.name for t in req.inputs}
     assert "seed" not in names and "stop_words_list" not in names
+
+
+def test_priority_reaches_triton_as_its_request_priority() -> None:
+    """Interactive (and unspecified) requests get Triton's highest priority level 1, batch requests level 2."""
+    base = Generation("r", "m", [1], 4, 2, 2, 1.0, 1.0, 0, None)
+    levels = {p: build_request(replace(base, priority=p), "m").parameters["priority"].uint64_param for p in (0, 1, 2)}
+    assert levels == {0: 1, 1: 1, 2: 2}

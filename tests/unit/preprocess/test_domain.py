@@ -107,3 +107,68 @@ def test_model_aliases_share_the_tokenizer_and_unknown_names_are_rejected(assets
     assert preparer.prepare(PrepareInput(request_id="r", model="", prompt="Hi")).model == "default"
     with pytest.raises(InvalidArgument, match="unknown model 'large'; served: default, small"):
         preparer.prepare(PrepareInput(request_id="r", model="large", prompt="Hi"))
+
+
+@pytest.fixture(scope="module")
+def strict(assets: ModelAssets) -> Preparer:
+    limits = Limits(
+        default_max_tokens=8,
+        max_tokens_limit=100,
+        max_prompt_chars=50,
+        max_chat_messages=3,
+        max_message_chars=20,
+    )
+    return Preparer({"smollm2": assets}, "smollm2", "", limits)
+
+
+def _chat(*contents: str) -> PrepareInput:
+    return PrepareInput(request_id="r", model="", chat=tuple(ChatTurn("user", c) for c in contents))
+
+
+@pytest.mark.parametrize(
+    ("request_", "field", "words"),
+    [
+        (_req(max_tokens=101), "sampling.max_tokens", "must be <= 100, got 101"),
+        (_req(max_tokens=2**31 - 1), "sampling.max_tokens", "must be <= 100"),
+        (_req("x" * 51), "prompt", "at most 50 characters, got 51"),
+        (_chat("a", "b", "c", "d"), "chat.messages", "at most 3 messages, got 4"),
+        (_chat("x" * 21), "chat.messages[0].content", "at most 20 characters, got 21"),
+        (_chat("x" * 20, "y" * 20, "z" * 20), "chat.messages", "at most 50 characters in all, got 60"),
+        (_req("a\x00b"), "prompt", "control character U+0000 at position 1"),
+        (_req("bell\x07"), "prompt", "U+0007"),
+        (_req("esc\x1b[31m"), "prompt", "U+001B"),
+        (_req("del\x7f"), "prompt", "U+007F"),
+        (_req("c1\x85"), "prompt", "U+0085"),
+        (_req("c1\x9f"), "prompt", "U+009F"),
+        (_chat("ok", "a\x0bb"), "chat.messages[1].content", "U+000B"),
+        (_req(stop=("ok", "\x0c")), "sampling.stop[1]", "U+000C"),
+        (PrepareInput(request_id="r\x00", model="", prompt="Hi"), "request_id", "U+0000"),
+        (PrepareInput(request_id="r", model="smollm2\x00", prompt="Hi"), "model", "U+0000"),
+        (PrepareInput(request_id="r", model="small\n", prompt="Hi"), "model", "tabs or line breaks"),
+        (PrepareInput(request_id="r", model="m" * 129, prompt="Hi"), "model", "at most 128 characters"),
+        (PrepareInput(request_id="r" * 129, model="", prompt="Hi"), "request_id", "at most 128 characters"),
+        (_req(temperature=math.inf), "sampling.temperature", "must be >= 0"),
+        (_req(top_p=math.nan), "sampling.top_p", "must be in (0, 1]"),
+        (_req(top_p=-math.inf), "sampling.top_p", "must be in (0, 1]"),
+    ],
+)
+def test_limits_and_characters_name_the_field(strict: Preparer, request_: PrepareInput, field: str, words: str) -> None:
+    """Sizes, the max_tokens ceiling and control characters are refused with the field's name and the numbers."""
+    with pytest.raises(InvalidArgument) as err:
+        strict.prepare(request_)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ") and words in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        _req("tab\tnew line\ncr\r ünïcödé 日本語 🎉"),
+        _req("x" * 50, max_tokens=100),
+        _chat("x" * 20, "y" * 20, "z" * 10),
+        _req(stop=("\n", "\t", "END")),
+    ],
+)
+def test_text_at_the_limits_and_ordinary_whitespace_is_accepted(strict: Preparer, request_: PrepareInput) -> None:
+    """Tab, line feed, carriage return and non-ASCII text pass; exactly the limits pass."""
+    strict.prepare(request_)
