@@ -1,4 +1,4 @@
-"""`python -m loadtest run | report | plot | sequence | perf-analyzer` (from the repository root).
+"""`python -m loadtest run | report | plot | sequence | perf-analyzer | soak` (from the repository root).
 
 # The issue's benchmark: starts Triton (instrument at 20 ms TTFT, 10 ms ITL) and the mesh on free
 # ports, runs each concurrency against Triton directly and then through the mesh, writes JSON + PNG.
@@ -317,9 +317,11 @@ def _parser() -> argparse.ArgumentParser:
 
     from .perf_analyzer import add_parser as add_perf_analyzer
     from .profile import add_parser as add_profile
+    from .soak import add_parser as add_soak
 
     add_perf_analyzer(sub)
     add_profile(sub)
+    add_soak(sub)
     return parser
 
 

@@ -5,6 +5,11 @@
 A pump task moves token ids from infer into postprocess while the caller reads text from postprocess.
 When postprocess ends the stream early (stop string, content filter), or the client goes away, the
 infer call is cancelled, which cancels the Triton request. Every call gets the time that remains.
+
+Before the client has a chunk, a stage call that fails with UNAVAILABLE is made once more (Prepare; the
+infer stream until its first response; the postprocess stream, replayed to where it was): the stages'
+channels balance round robin over every address, so with several replicas the retry goes to another
+one. Once a chunk was sent nothing is retried: a second generation could contradict it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +103,98 @@ async def _quietly(awaitable: Any) -> None:
         pass
 
 
+# What grpc's own client reports, as INTERNAL, when the peer of a stream it is writing to goes away.
+_CORE_INTERNAL = "Internal error from Core"
+
+
+def _transport_lost(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, grpc.aio.AioRpcError)
+        and exc.code() == grpc.StatusCode.INTERNAL
+        and exc.details() == _CORE_INTERNAL
+    )
+
+
+def _retryable(exc: grpc.aio.AioRpcError) -> bool:
+    """Only a lost stage is worth a second attempt; every other status is the request's own answer."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE or _transport_lost(exc)
+
+
+def _stage_status(exc: BaseException) -> BaseException:
+    """A stage lost mid-stream is UNAVAILABLE to the client, however grpc's client happened to report it."""
+    if _transport_lost(exc):
+        return Unavailable("a stage was lost mid-stream")
+    if isinstance(exc, asyncio.InvalidStateError):
+        # grpc.aio's write to a call that has already ended (its peer went away under it).
+        return Unavailable("postprocess ended the stream while tokens were being sent")
+    return exc
+
+
+class _PostprocessCall:
+    """The Process stream, re-opened once if it fails UNAVAILABLE before the client got a chunk.
+
+    Until then every message written is kept, so the new call is replayed to the same point. The pump
+    writes under a lock, so a replay (started by the pump or by the reader) never interleaves with a write.
+    """
+
+    def __init__(self, open_call: Callable[[], grpc.aio.StreamStreamCall], request_id: str) -> None:
+        self._open = open_call
+        self._request_id = request_id
+        self.call = open_call()
+        self._lock = asyncio.Lock()
+        self._written: list[postprocess_pb2.ProcessRequest] | None = []
+        self._half_closed = False
+        self._retried = False
+
+    def committed(self) -> None:
+        """A chunk is going to the client: from now on a failure is final, and nothing is kept to replay."""
+        self._written = None
+
+    async def write(self, message: postprocess_pb2.ProcessRequest) -> None:
+        async with self._lock:
+            call = self.call
+            if self._written is not None:
+                self._written.append(message)
+            try:
+                await call.write(message)
+                return
+            except grpc.aio.AioRpcError as exc:
+                failure = exc
+        if not await self.reopen(call, failure):
+            raise failure
+
+    async def done_writing(self) -> None:
+        async with self._lock:
+            call = self.call
+            self._half_closed = True
+            try:
+                await call.done_writing()
+                return
+            except grpc.aio.AioRpcError as exc:
+                failure = exc
+        if not await self.reopen(call, failure):
+            raise failure
+
+    async def reopen(self, failed: grpc.aio.StreamStreamCall, exc: grpc.aio.AioRpcError) -> bool:
+        """True when the caller may go on with `self.call`: re-opened after `failed`, now or by the other side."""
+        async with self._lock:
+            if self.call is not failed:
+                return True
+            if self._written is None or self._retried or not _retryable(exc):
+                return False
+            self._retried = True
+            log.info("stage_retry", stage="postprocess", request_id=self._request_id, code=exc.code().name)
+            self.call = self._open()
+            try:
+                for message in self._written:
+                    await self.call.write(message)
+                if self._half_closed:
+                    await self.call.done_writing()
+            except grpc.aio.AioRpcError:
+                pass  # the new call failed too: whoever reads or writes it next gets its status
+            return True
+
+
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 
@@ -107,9 +204,11 @@ class Orchestrator:
         self._stages = stages
 
     async def generate(
-        self, request: generation_pb2.GenerateRequest, timeout: float | None
+        self, request: generation_pb2.GenerateRequest, timeout: float | None, arrived: float | None = None
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        started = time.monotonic()
+        """`arrived` (time.monotonic()) is when the gateway received the request, before admission: the
+        timings and queue time count from there."""
+        started = time.monotonic() if arrived is None else arrived
         deadline = _Deadline(timeout)
         request_id = request.request_id or uuid.uuid4().hex
         client_request_id = bool(request.request_id)
@@ -121,9 +220,7 @@ class Orchestrator:
 
         span = trace.get_current_span()  # the gateway's server span (grpc instrumentation), when tracing
         await self._stages.connected(deadline)
-        prepared: preprocess_pb2.PrepareResponse = await self._stages.preprocess.Prepare(
-            preprocess_pb2.PrepareRequest(request=request), timeout=deadline.remaining()
-        )
+        prepared = await self._prepare(preprocess_pb2.PrepareRequest(request=request), deadline, request_id)
         set_attributes(
             span,
             {
@@ -149,64 +246,74 @@ class Orchestrator:
             _record(span, final, started, time.monotonic(), None, None, time.monotonic())
             yield generation_pb2.GenerateResponse(final=final)
             return
-        infer_call = self._stages.infer.Generate(
-            infer_pb2.InferRequest(
-                request_id=request_id,
-                model=prepared.model,
-                input_ids=prepared.input_ids,
-                end_id=prepared.end_id,
-                pad_id=prepared.pad_id,
-                sampling=prepared.sampling,
-                stop_token_ids=prepared.stop_token_ids,
-                request_hash=prepared.request_hash,
-                shareable=prepared.shareable,
-                client_request_id=client_request_id,
-                priority=request.priority,
-            ),
-            timeout=deadline.remaining(),
+        infer_request = infer_pb2.InferRequest(
+            request_id=request_id,
+            model=prepared.model,
+            input_ids=prepared.input_ids,
+            end_id=prepared.end_id,
+            pad_id=prepared.pad_id,
+            sampling=prepared.sampling,
+            stop_token_ids=prepared.stop_token_ids,
+            request_hash=prepared.request_hash,
+            shareable=prepared.shareable,
+            client_request_id=client_request_id,
+            priority=request.priority,
         )
+
+        def open_infer() -> grpc.aio.UnaryStreamCall:
+            return self._stages.infer.Generate(infer_request, timeout=deadline.remaining())
+
+        state = _PumpState(infer_call=open_infer())
         handed_to_model = time.monotonic()
-        post_call = self._stages.postprocess.Process(timeout=deadline.remaining())
-        state = _PumpState()
-        pump = asyncio.create_task(self._pump(infer_call, post_call, prepared, state))
+        post = _PostprocessCall(lambda: self._stages.postprocess.Process(timeout=deadline.remaining()), request_id)
+        pump = asyncio.create_task(self._pump(open_infer, post, prepared, state))
         first_token_at: float | None = None
         first_speakable_at: float | None = None
         done: postprocess_pb2.Done | None = None
         try:
-            async for response in post_call:
-                kind = response.WhichOneof("kind")
-                if kind == "delta":
-                    delta = response.delta
-                    if first_token_at is None and delta.text:
-                        first_token_at = time.monotonic()
-                        span.add_event("first_token")
-                    if first_speakable_at is None and delta.speakable:
-                        first_speakable_at = time.monotonic()
-                    yield generation_pb2.GenerateResponse(
-                        chunk=generation_pb2.Chunk(
-                            text=delta.text, token_ids=delta.token_ids, speakable=delta.speakable
-                        )
-                    )
-                elif kind == "done":
-                    done = response.done
-                    break
-        except grpc.aio.AioRpcError:
-            if state.error is None:
-                raise
+            ended = False
+            while not ended:
+                post_call = post.call
+                try:
+                    async for response in post_call:
+                        kind = response.WhichOneof("kind")
+                        if kind == "delta":
+                            delta = response.delta
+                            if first_token_at is None and delta.text:
+                                first_token_at = time.monotonic()
+                                span.add_event("first_token")
+                            if first_speakable_at is None and delta.speakable:
+                                first_speakable_at = time.monotonic()
+                            post.committed()
+                            yield generation_pb2.GenerateResponse(
+                                chunk=generation_pb2.Chunk(
+                                    text=delta.text, token_ids=delta.token_ids, speakable=delta.speakable
+                                )
+                            )
+                        elif kind == "done":
+                            done = response.done
+                            break
+                    ended = True
+                except grpc.aio.AioRpcError as exc:
+                    if state.error is None and await post.reopen(post_call, exc):
+                        continue
+                    if state.error is None:
+                        if _transport_lost(exc):
+                            raise _stage_status(exc) from exc
+                        raise
+                    ended = True
         finally:
             # Early end (stop string, content filter) or client gone: stop the generation now.
-            infer_call.cancel()
+            state.infer_call.cancel()
             pump.cancel()
             await _quietly(pump)
             if done is None:
-                post_call.cancel()
+                post.call.cancel()
             else:
                 # Postprocess has ended its side: read the call to its end so it (and its span) completes.
-                await _quietly(_drain(post_call))
-        if state.error is not None:
-            raise state.error
+                await _quietly(_drain(post.call))
         if done is None:
-            raise Unavailable("postprocess ended the stream without a result")
+            raise state.error or Unavailable("postprocess ended the stream without a result")
         if done.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER and prepared.shareable:
             # Filtered text is never served from the result cache.
             await _quietly(
@@ -239,15 +346,26 @@ class Orchestrator:
         _record(span, final, started, handed_to_model, first_token_at, first_speakable_at, finished)
         yield generation_pb2.GenerateResponse(final=final)
 
+    async def _prepare(
+        self, prepare: preprocess_pb2.PrepareRequest, deadline: _Deadline, request_id: str
+    ) -> preprocess_pb2.PrepareResponse:
+        try:
+            return await self._stages.preprocess.Prepare(prepare, timeout=deadline.remaining())
+        except grpc.aio.AioRpcError as exc:
+            if not _retryable(exc):
+                raise
+            log.info("stage_retry", stage="preprocess", request_id=request_id, code=exc.code().name)
+        return await self._stages.preprocess.Prepare(prepare, timeout=deadline.remaining())
+
     async def _pump(
         self,
-        infer_call: grpc.aio.UnaryStreamCall,
-        post_call: grpc.aio.StreamStreamCall,
+        open_infer: Callable[[], grpc.aio.UnaryStreamCall],
+        post: _PostprocessCall,
         prepared: preprocess_pb2.PrepareResponse,
         state: _PumpState,
     ) -> None:
         try:
-            await post_call.write(
+            await post.write(
                 postprocess_pb2.ProcessRequest(
                     start=postprocess_pb2.Start(
                         request_id=prepared.request_id,
@@ -258,33 +376,45 @@ class Orchestrator:
                 )
             )
             reason = generation_pb2.FINISH_REASON_UNSPECIFIED
-            async for response in infer_call:
-                if response.token_ids:
-                    state.tokens_seen += len(response.token_ids)
-                    await post_call.write(
-                        postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=response.token_ids))
-                    )
-                if response.finish_reason:
-                    reason = response.finish_reason
-                    state.completion_tokens = response.completion_tokens
-                    state.reuse = response.reuse
+            received = False
+            while True:
+                try:
+                    async for response in state.infer_call:
+                        received = True
+                        if response.token_ids:
+                            state.tokens_seen += len(response.token_ids)
+                            await post.write(
+                                postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=response.token_ids))
+                            )
+                        if response.finish_reason:
+                            reason = response.finish_reason
+                            state.completion_tokens = response.completion_tokens
+                            state.reuse = response.reuse
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    # Until infer's first response nothing of this generation exists: start it once more.
+                    if received or state.infer_retried or not _retryable(exc):
+                        raise
+                    state.infer_retried = True
+                    log.info("stage_retry", stage="infer", request_id=prepared.request_id, code=exc.code().name)
+                    state.infer_call = open_infer()
             if not reason:
                 raise Unavailable("infer ended the stream without a finish reason")
-            await post_call.write(postprocess_pb2.ProcessRequest(end=postprocess_pb2.End(finish_reason=reason)))
-            await post_call.done_writing()
+            await post.write(postprocess_pb2.ProcessRequest(end=postprocess_pb2.End(finish_reason=reason)))
+            await post.done_writing()
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED and post_call.done():
+            if exc.code() == grpc.StatusCode.CANCELLED and post.call.done():
                 return  # postprocess already ended the stream; the generation was stopped on purpose
-            await self._abandon(post_call, state, exc)
+            await self._abandon(post.call, state, exc)
         except Exception as exc:
-            await self._abandon(post_call, state, exc)
+            await self._abandon(post.call, state, exc)
 
     @staticmethod
     async def _abandon(post_call: grpc.aio.StreamStreamCall, state: _PumpState, exc: BaseException) -> None:
         # Half-close postprocess without an End: it stops, the reader sees no Done and raises `exc`.
-        state.error = exc
+        state.error = _stage_status(exc)
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await post_call.done_writing()
 
@@ -339,7 +469,9 @@ def _record(
 
 @dataclass
 class _PumpState:
+    infer_call: grpc.aio.UnaryStreamCall
+    infer_retried: bool = False
     tokens_seen: int = 0
     completion_tokens: int = 0
-    reuse: generation_pb2.Reuse.ValueType = generation_pb2.REUSE_UNSPECIFIED
+    reuse: generation_pb2.Reuse = generation_pb2.REUSE_UNSPECIFIED
     error: BaseException | None = None

@@ -16,7 +16,8 @@ What a request gets:
 - `streaming` true: one response per token ([1, 1, 1] `output_ids`), the last one flagged final.
   `streaming` false or absent: one final response with every token when the last is due.
 - Cancellation (client gone, or infer cancelling after a stop string): noticed within
-  `cancel_check_every` tokens (config); the request then ends with an empty final response.
+  `cancel_check_every` tokens (config); the request then ends with an empty final response, and the gauge
+  `llmmesh_model_last_cancel_time_seconds` holds when (Unix time), so a test can time a cancel's way down.
 
 Threads: the python backend (2.51) is not safe for concurrent calls into its IPC from several threads
 (see `smollm2/1/model.py`). Here one scheduler thread does every send, `is_cancelled` and metric call:
@@ -98,7 +99,13 @@ class TritonPythonModel:
             description="Generations by how they ended: completed or cancelled",
             kind=pb_utils.MetricFamily.COUNTER,
         )
-        self._families = (tokens, requests)  # the families must outlive their metrics
+        last_cancel = pb_utils.MetricFamily(
+            name="llmmesh_model_last_cancel_time_seconds",
+            description="Unix time at which the model last noticed a cancelled request (cancel propagation tests)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self._families = (tokens, requests, last_cancel)  # the families must outlive their metrics
+        self._last_cancel = last_cancel.Metric(labels=labels)
         self._tokens_metric = tokens.Metric(labels=labels)
         self._outcome = {
             "completed": requests.Metric(labels={**labels, "outcome": "completed"}),
@@ -225,6 +232,8 @@ class TritonPythonModel:
                 if stream.sent:
                     self._tokens_metric.increment(stream.sent)
                 self._outcome[outcome].increment(1)
+                if outcome == "cancelled":
+                    self._last_cancel.set(time.time())
             except Exception as exc:
                 failed = exc
             finally:
