@@ -92,7 +92,9 @@ def running_mesh(
     """Triton (instrument) and the four services as processes; stopped in order (gateway first) on exit."""
     with tempfile.TemporaryDirectory(prefix="llmmesh-instrument-") as tmp:
         models = (INSTRUMENT, CLASSIFIER) if classifier else (INSTRUMENT,)
-        extra = {"LLMMESH_INFER_MODELS": json.dumps({"smollm2": INSTRUMENT})}
+        # Dedup off unless asked for: the workloads repeat a few greedy prompts, and cache hits would measure
+        # the result cache instead of what a generation costs in the mesh (dedup_bench.py turns it on).
+        extra = {"LLMMESH_INFER_MODELS": json.dumps({"smollm2": INSTRUMENT}), "LLMMESH_INFER_DEDUP": "false"}
         if not pii:
             policy = policy_without_pii(Path(tmp) / "policy.yaml")
             extra["LLMMESH_PREPROCESS_SAFETY_POLICY_PATH"] = str(policy)

@@ -47,7 +47,8 @@ def _gateway(address: str | None, log_dir: Path) -> Iterator[str]:
     if address:
         yield address
         return
-    mesh = Mesh(ports=MeshPorts.free(), log_dir=log_dir)
+    # Dedup off: the rounds repeat greedy prompts, and replays from the result cache would not measure speech.
+    mesh = Mesh(ports=MeshPorts.free(), log_dir=log_dir, env={"LLMMESH_INFER_DEDUP": "false"})
     mesh.start()
     try:
         yield mesh.address("gateway")
