@@ -140,7 +140,7 @@ def test_start_order_is_health_gated(compose: dict[str, Any]) -> None:
     """Every dependency waits for service_healthy on a service that has a health check."""
     services = compose["services"]
     assert set(services["gateway"]["depends_on"]) == {"preprocess", "infer", "postprocess"}
-    assert set(services["infer"]["depends_on"]) == {"triton"}
+    assert set(services["infer"]["depends_on"]) == {"triton", "redis"}
     for name, service in services.items():
         for dep, how in service.get("depends_on", {}).items():
             assert how == {"condition": "service_healthy"}, f"{name} -> {dep}: {how}"

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +49,8 @@ from .deployfiles import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
-STARTED = ("triton", *MESH)
+# Redis holds infer's result cache and request ids (compose: LLMMESH_INFER_CACHE_BACKEND=redis).
+STARTED = ("triton", "redis", *MESH)
 # A compose hostname with a port, wherever it appears in a value ("infer:50053", "dns:///x:1",
 # "http://otel-collector:4318/v1/traces").
 _HOST_PORT = re.compile(r"(?<![\w.-])(?P<host>[a-z][a-z0-9-]*):(?P<port>\d+)")
@@ -188,6 +190,21 @@ class ProcessTopology:
         )
         self.triton.start()
 
+    def _start_redis(self) -> None:
+        """The real redis-server with compose's flags, on the loopback port standing for redis:6379."""
+        command = [str(a) for a in self.services["redis"]["command"]]
+        assert command[0] == "redis-server"
+        port = self.loopback("redis", 6379)
+        with open(self.log_dir / "redis.log", "ab") as log:
+            self.procs["redis"] = subprocess.Popen(
+                [shutil.which("redis-server") or "redis-server", *command[1:], "--bind", "127.0.0.1",
+                 "--port", str(port), "--dir", str(self.log_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
     def _start_service(self, name: str) -> None:
         entrypoint = self.stages[name].entrypoint
         assert entrypoint is not None and entrypoint[0] == "python"
@@ -205,6 +222,8 @@ class ProcessTopology:
         if name == "triton":
             assert self.triton is not None
             return self.triton.is_ready()
+        if name == "redis":
+            return self.run_healthcheck("redis") == 0
         return check(self.address(name), timeout=1.0) == "SERVING"
 
     def _log_tail(self, name: str) -> str:
@@ -225,7 +244,12 @@ class ProcessTopology:
     def start(self, timeout: float = 300.0) -> None:
         for wave in self.waves():
             for name in wave:
-                self._start_triton() if name == "triton" else self._start_service(name)
+                if name == "triton":
+                    self._start_triton()
+                elif name == "redis":
+                    self._start_redis()
+                else:
+                    self._start_service(name)
             deadline = time.monotonic() + timeout
             if "triton" in wave:
                 assert self.triton is not None
@@ -247,6 +271,9 @@ class ProcessTopology:
     def run_healthcheck(self, name: str) -> int:
         """Runs the service's own compose health check command, its container ports mapped to loopback."""
         test = list(self.services[name]["healthcheck"]["test"])[1:]
+        if test[0] == "redis-cli":
+            port = str(self.loopback(name, 6379))
+            return subprocess.run(["redis-cli", "-p", port, *test[1:]], capture_output=True, timeout=30).returncode
         assert test[0] in ("python", "python3")
 
         def sub(m: re.Match[str]) -> str:
@@ -363,6 +390,8 @@ def topology(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             pytest.skip("no Docker engine with the compose v2 plugin (`docker info` / `docker compose version` failed)")
         topo: Any = DockerTopology(tool)
     else:
+        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+            pytest.skip("redis-server is not installed (make sysdeps installs it): compose's infer keeps its cache in Redis")
         topo = ProcessTopology(load_compose(COMPOSE_GPU, COMPOSE_CPU), tmp_path_factory.mktemp("topology"))
     try:
         topo.start()
@@ -403,6 +432,15 @@ def test_answers_through_the_gateway(topology: Any, gateway: Any) -> None:
     assert "Paris" in text
     assert final.finish_reason in (generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_LENGTH)
     assert final.usage.prompt_tokens > 0 and final.usage.completion_tokens == len(ids)
+
+
+def test_a_repeated_greedy_request_is_a_cache_hit_from_redis(topology: Any, gateway: Any) -> None:
+    """Compose points infer at Redis: the second identical greedy request replays the first's result."""
+    prompt = f"Name one colour. ({uuid.uuid4().hex[:6]})"
+    first_text, first_ids, first = _generate(gateway, prompt, temperature=0.0, max_tokens=8)
+    text, ids, final = _generate(gateway, prompt, temperature=0.0, max_tokens=8)
+    assert first.reuse == generation_pb2.REUSE_NONE and final.reuse == generation_pb2.REUSE_CACHE_HIT
+    assert (text, ids) == (first_text, first_ids)
 
 
 def test_stop_string_ends_the_stream(topology: Any, gateway: Any) -> None:
