@@ -197,8 +197,16 @@ class ProcessTopology:
         port = self.loopback("redis", 6379)
         with open(self.log_dir / "redis.log", "ab") as log:
             self.procs["redis"] = subprocess.Popen(
-                [shutil.which("redis-server") or "redis-server", *command[1:], "--bind", "127.0.0.1",
-                 "--port", str(port), "--dir", str(self.log_dir)],
+                [
+                    shutil.which("redis-server") or "redis-server",
+                    *command[1:],
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--dir",
+                    str(self.log_dir),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -391,7 +399,9 @@ def topology(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         topo: Any = DockerTopology(tool)
     else:
         if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-            pytest.skip("redis-server is not installed (make sysdeps installs it): compose's infer keeps its cache in Redis")
+            pytest.skip(
+                "redis-server is not installed (make sysdeps installs it): compose's infer keeps its cache in Redis"
+            )
         topo = ProcessTopology(load_compose(COMPOSE_GPU, COMPOSE_CPU), tmp_path_factory.mktemp("topology"))
     try:
         topo.start()
