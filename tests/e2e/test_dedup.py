@@ -161,7 +161,7 @@ def test_cancelling_the_leader_leaves_the_followers_complete(
 @pytest.mark.parametrize(
     "change",
     [
-        {"temperature": 0.7, "seed": 7},
+        {"temperature": 0.7},
         {"seed": 11},
         {"stop": ["zzz"]},
         {"max_tokens": 25},
