@@ -133,8 +133,11 @@ def _stage_status(exc: BaseException) -> BaseException:
 class _PostprocessCall:
     """The Process stream, re-opened once if it fails UNAVAILABLE before the client got a chunk.
 
-    Until then every message written is kept, so the new call is replayed to the same point. The pump
-    writes under a lock, so a replay (started by the pump or by the reader) never interleaves with a write.
+    Until then every message written is kept, so the new call is replayed to the same point. Only the
+    reader decides on a retry: a failed write says nothing on its own (when postprocess has answered and
+    ended the stream, e.g. a stop string before any text, the writes that follow fail too, and nothing may
+    be re-run). The pump waits for the reader's decision; it writes under a lock, so a replay never
+    interleaves with a write.
     """
 
     def __init__(self, open_call: Callable[[], grpc.aio.StreamStreamCall], request_id: str) -> None:
@@ -142,6 +145,7 @@ class _PostprocessCall:
         self._request_id = request_id
         self.call = open_call()
         self._lock = asyncio.Lock()
+        self._reopened = asyncio.Event()
         self._written: list[postprocess_pb2.ProcessRequest] | None = []
         self._half_closed = False
         self._retried = False
@@ -158,10 +162,9 @@ class _PostprocessCall:
             try:
                 await call.write(message)
                 return
-            except grpc.aio.AioRpcError as exc:
-                failure = exc
-        if not await self.reopen(call, failure):
-            raise failure
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+        await self._reader_decides(call)
 
     async def done_writing(self) -> None:
         async with self._lock:
@@ -170,13 +173,18 @@ class _PostprocessCall:
             try:
                 await call.done_writing()
                 return
-            except grpc.aio.AioRpcError as exc:
-                failure = exc
-        if not await self.reopen(call, failure):
-            raise failure
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+        await self._reader_decides(call)
+
+    async def _reader_decides(self, failed: grpc.aio.StreamStreamCall) -> None:
+        """Returns once the reader has re-opened the call (its replay included what failed here); when the
+        reader does not retry, it ends the request and cancels the pump waiting here."""
+        while self.call is failed:
+            await self._reopened.wait()
 
     async def reopen(self, failed: grpc.aio.StreamStreamCall, exc: grpc.aio.AioRpcError) -> bool:
-        """True when the caller may go on with `self.call`: re-opened after `failed`, now or by the other side."""
+        """The reader's decision after `failed` ended with `exc`: True when it may go on with `self.call`."""
         async with self._lock:
             if self.call is not failed:
                 return True
@@ -185,13 +193,14 @@ class _PostprocessCall:
             self._retried = True
             log.info("stage_retry", stage="postprocess", request_id=self._request_id, code=exc.code().name)
             self.call = self._open()
+            self._reopened.set()
             try:
                 for message in self._written:
                     await self.call.write(message)
                 if self._half_closed:
                     await self.call.done_writing()
-            except grpc.aio.AioRpcError:
-                pass  # the new call failed too: whoever reads or writes it next gets its status
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the new call failed too: the reader gets its status
             return True
 
 
@@ -270,6 +279,7 @@ class Orchestrator:
         first_token_at: float | None = None
         first_speakable_at: float | None = None
         done: postprocess_pb2.Done | None = None
+        post_call = post.call
         try:
             ended = False
             while not ended:
@@ -310,8 +320,11 @@ class Orchestrator:
             if done is None:
                 post.call.cancel()
             else:
-                # Postprocess has ended its side: read the call to its end so it (and its span) completes.
-                await _quietly(_drain(post.call))
+                # Postprocess has ended its side: read the call that answered to its end, so it (and its
+                # span) completes; a call opened after it (a retry racing the answer) is not needed.
+                if post.call is not post_call:
+                    post.call.cancel()
+                await _quietly(_drain(post_call))
         if done is None:
             raise state.error or Unavailable("postprocess ended the stream without a result")
         if done.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER and prepared.shareable:

@@ -319,3 +319,17 @@ def test_converse_validates_its_first_message_too(fuzz_mesh: Mesh) -> None:
             req = generation_pb2.GenerateRequest(prompt="Hi", **change)  # type: ignore[arg-type]
             code, detail = _converse(channel, generation_pb2.ConverseRequest(generate=req).SerializeToString())
             assert code == "INVALID_ARGUMENT" and detail.startswith(f"{field}: "), detail
+
+
+def test_a_stop_string_before_any_text_never_hangs(fuzz_mesh: Mesh) -> None:
+    """Found by this fuzz test: postprocess answers (stop string) and ends the stream while the gateway is still
+    writing tokens; the failed writes must not re-open postprocess (which then waited for input forever)."""
+    req = generation_pb2.GenerateRequest(
+        prompt="What is the capital of France?",
+        sampling=generation_pb2.SamplingParams(temperature=1.0, stop=["a", "e", "o"]),
+        chunking=generation_pb2.CHUNKING_MODE_SENTENCE,
+    )
+    raw = req.SerializeToString()
+    with grpc.insecure_channel(fuzz_mesh.address("gateway")) as channel, ThreadPoolExecutor(CONCURRENCY) as pool:
+        outcomes = Counter(outcome for outcome, _ in pool.map(lambda _: _send(channel, raw), range(400)))
+    assert outcomes == Counter({"OK": 400})
