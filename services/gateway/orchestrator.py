@@ -124,9 +124,6 @@ def _stage_status(exc: BaseException) -> BaseException:
     """A stage lost mid-stream is UNAVAILABLE to the client, however grpc's client happened to report it."""
     if _transport_lost(exc):
         return Unavailable("a stage was lost mid-stream")
-    if isinstance(exc, asyncio.InvalidStateError):
-        # grpc.aio's write to a call that has already ended (its peer went away under it).
-        return Unavailable("postprocess ended the stream while tokens were being sent")
     return exc
 
 

@@ -68,7 +68,8 @@ def request(prompt: str, **sampling: object) -> generation_pb2.GenerateRequest:
 
 
 def model_counters(mesh: Mesh) -> dict[str, float]:
-    """The CPU model's own counters from Triton's metrics endpoint: tokens generated, requests by outcome."""
+    """The model's own counters from Triton's metrics endpoint: tokens generated, requests by outcome, and
+    (the instrument) when it last noticed a cancel, as `last_cancel`."""
     assert mesh.triton is not None
     with urllib.request.urlopen(mesh.triton.metrics_url, timeout=5) as resp:
         text = resp.read().decode()
@@ -79,6 +80,8 @@ def model_counters(mesh: Mesh) -> dict[str, float]:
                 out["tokens"] = sample.value
             elif sample.name == "llmmesh_model_requests_total":
                 out[sample.labels["outcome"]] = sample.value
+            elif sample.name == "llmmesh_model_last_cancel_time_seconds":
+                out["last_cancel"] = sample.value
     return out
 
 

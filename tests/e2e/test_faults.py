@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.infer.triton_server import repository_root
 from llmmesh.launcher import SERVICES, Mesh, MeshPorts, free_port
@@ -43,7 +41,7 @@ from llmmesh.stages.v1 import (
 )
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import orphaned_shm, process_group_alive
+from .conftest import model_counters, orphaned_shm, process_group_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -157,17 +155,7 @@ async def _open_streams(
 
 def _model_metrics(mesh: Mesh) -> dict[str, float]:
     """The instrument's counters (requests by outcome) and when it last noticed a cancel."""
-    assert mesh.triton is not None
-    with urllib.request.urlopen(mesh.triton.metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {"completed": 0.0, "cancelled": 0.0, "last_cancel": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "llmmesh_model_requests_total":
-                out[sample.labels["outcome"]] = sample.value
-            elif sample.name == "llmmesh_model_last_cancel_time_seconds":
-                out["last_cancel"] = sample.value
-    return out
+    return {"completed": 0.0, "cancelled": 0.0, "last_cancel": 0.0, **model_counters(mesh)}
 
 
 async def _settled(mesh: Mesh, quiet: float = 0.3, timeout: float = 10.0) -> dict[str, float]:

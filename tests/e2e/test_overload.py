@@ -39,7 +39,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from loadtest import procstats  # noqa: E402 - loadtest/ is importable from the repository root only
-from loadtest.harness import running_mesh  # noqa: E402
+from loadtest.harness import mesh_pids, running_mesh  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +47,7 @@ MAX_INFLIGHT = 8
 MAX_QUEUED = 8
 CLIENTS = 4 * (MAX_INFLIGHT + MAX_QUEUED)
 LOAD_SECONDS = 30.0
-RSS_LIMIT_KIB = 1024 * 1024  # 1 GiB per process
+RSS_LIMIT_MIB = 1024  # 1 GiB per process
 BATCH_TOKENS = 16
 INTERACTIVE_TOKENS = 8
 
@@ -135,25 +135,6 @@ async def _one(
     return None
 
 
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
-
-
-def _pids(mesh: Mesh) -> dict[str, int]:
-    assert mesh.triton is not None and mesh.triton.pid is not None
-    pids = {name: proc.pid for name, proc in mesh.procs.items()}
-    pids["triton"] = mesh.triton.pid
-    for i, child in enumerate(procstats.children(mesh.triton.pid)):
-        pids[f"triton_child_{i}"] = child
-    return pids
-
-
 def _gateway_metrics(mesh: Mesh) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(mesh.ports.metrics_url("gateway"), timeout=5) as resp:
         text = resp.read().decode()
@@ -179,7 +160,7 @@ async def test_four_times_capacity_sheds_the_excess_and_keeps_interactive_latenc
         assert not baseline.failures and len(baseline.ttfts) == 10
 
         batch, interactive = Tally(), Tally()
-        rss_max: dict[str, int] = {}
+        rss_max: dict[str, float] = {}
         depth_max: Counter[str] = Counter()
         stop_at = time.monotonic() + LOAD_SECONDS
 
@@ -196,10 +177,10 @@ async def test_four_times_capacity_sheds_the_excess_and_keeps_interactive_latenc
                 await asyncio.sleep(0.3)
 
         async def watch() -> None:
-            pids = _pids(mesh)
+            pids = mesh_pids(mesh)
             while time.monotonic() < stop_at:
-                for name, pid in pids.items():
-                    rss_max[name] = max(rss_max.get(name, 0), _rss_kib(pid))
+                for name, proc in procstats.sample_all(pids).items():
+                    rss_max[name] = max(rss_max.get(name, 0.0), proc.rss_mib)
                 samples = await asyncio.to_thread(_gateway_metrics, mesh)
                 for (name, labels), value in samples.items():
                     if name == "llmmesh_admission_queue_depth":
@@ -225,7 +206,7 @@ async def test_four_times_capacity_sheds_the_excess_and_keeps_interactive_latenc
         f"\nbatch TTFT median {statistics.median(batch.ttfts) * 1000:.1f} ms;"
         f" retry-after median {statistics.median(batch.retry_delays or [0]) * 1000:.0f} ms"
         f"\nqueue depth max {dict(depth_max)}; queue wait sum by priority {waits}"
-        f"\nmax RSS MiB { {k: round(v / 1024) for k, v in rss_max.items()} }"
+        f"\nmax RSS MiB { {k: round(v) for k, v in rss_max.items()} }"
     )
 
     # The excess was refused, with retry information, and nothing admitted failed.
@@ -238,7 +219,7 @@ async def test_four_times_capacity_sheds_the_excess_and_keeps_interactive_latenc
     assert interactive.outcomes["rejected"] == 0 and interactive.outcomes["completed"] >= 10
     assert loaded <= 2 * base + 0.3, f"interactive TTFT {loaded:.3f} s under load vs {base:.3f} s unloaded"
     # Memory stayed bounded and every process is still there and serving.
-    assert rss_max and all(v < RSS_LIMIT_KIB for v in rss_max.values()), rss_max
+    assert rss_max and all(v < RSS_LIMIT_MIB for v in rss_max.values()), rss_max
     assert all(proc.poll() is None for proc in mesh.procs.values())
     for name in SERVICES:
         with grpc.insecure_channel(mesh.address(name)) as ch:
