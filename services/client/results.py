@@ -63,6 +63,16 @@ class Timings:
     time_to_first_speakable_chunk_ms: float
 
 
+def _reuse_name(value: int) -> str:
+    """llmmesh.v1.Reuse as a short name; "" for UNSPECIFIED, "unknown" for a value added by a newer mesh."""
+    if value == generation_pb2.REUSE_UNSPECIFIED:
+        return ""
+    try:
+        return generation_pb2.Reuse.Name(value).removeprefix("REUSE_").lower()
+    except ValueError:
+        return "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class FinalResult:
     """The last message of a completed stream."""
@@ -74,6 +84,11 @@ class FinalResult:
     model: str
     matched_stop: str = ""
     filter_category: str = ""
+    # How the answer was produced: "none" (generated for this request), "not_shareable", "joined_in_flight",
+    # "cache_hit", "deduplicated" (same request id) or "disabled"; "" when nothing was generated.
+    reuse: str = ""
+    # With reuse "not_shareable": why the request could not share a generation.
+    reuse_detail: str = ""
 
     @classmethod
     def from_proto(cls, final: generation_pb2.Final) -> FinalResult:
@@ -86,6 +101,8 @@ class FinalResult:
             final.model,
             final.matched_stop,
             final.filter_category,
+            _reuse_name(final.reuse),
+            final.reuse_detail,
         )
 
 

@@ -48,8 +48,11 @@ async def test_spoken_answer_is_a_valid_wav_that_grows_with_the_answer_and_speec
             "What is the capital of France?", wav_path=tmp_path / "short.wav", max_tokens=12, temperature=0.0
         )
         long = await front_end.speak(
-            "Describe Paris in a few sentences.", wav_path=tmp_path / "long.wav", max_tokens=120, temperature=0.0
+            # max_tokens 121, not test_voice.py's 120: this must be a real generation, not a cache replay
+            # of that identical request (a replay ends before the first chunk is spoken).
+            "Describe Paris in a few sentences.", wav_path=tmp_path / "long.wav", max_tokens=121, temperature=0.0
         )
+    assert long.final is not None and long.final.reuse == "none"
     for run in (short, long):
         assert run.final is not None and run.heard_text == run.text and run.text.strip()
         assert run.wav_path is not None and run.wav_path.stat().st_size > 44

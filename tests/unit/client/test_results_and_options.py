@@ -20,10 +20,20 @@ def test_final_result_is_converted_from_the_proto() -> None:
         request_id="r",
         model="m",
         matched_stop="Paris",
+        reuse=generation_pb2.REUSE_NOT_SHAREABLE,
+        reuse_detail="sampled without a seed",
     )
     result = FinalResult.from_proto(final)
     assert result.finish_reason is FinishReason.STOP_STRING and result.matched_stop == "Paris"
     assert result.usage.completion_tokens == 4 and result.timings.time_to_first_speakable_chunk_ms == 4
+    assert result.reuse == "not_shareable" and result.reuse_detail == "sampled without a seed"
+
+
+def test_reuse_reads_as_a_short_name_and_tolerates_newer_values() -> None:
+    """How the answer was produced, as the mesh said; a value from a newer mesh reads as "unknown"."""
+    assert FinalResult.from_proto(generation_pb2.Final(reuse=generation_pb2.REUSE_CACHE_HIT)).reuse == "cache_hit"
+    assert FinalResult.from_proto(generation_pb2.Final()).reuse == ""
+    assert FinalResult.from_proto(generation_pb2.Final(reuse=99)).reuse == "unknown"  # type: ignore[arg-type]
 
 
 def test_an_unknown_finish_reason_does_not_break_an_older_client() -> None:
