@@ -55,7 +55,7 @@ def stream_answer(address: str, request: generation_pb2.GenerateRequest, timeout
 
 
 def _up(args: argparse.Namespace) -> int:
-    from llmmesh.launcher import SERVICES, Mesh, MeshPorts
+    from llmmesh.launcher import Mesh, MeshPorts
 
     ports = MeshPorts.free() if args.free_ports else MeshPorts.from_gateway(args.port)
     endpoint = args.otlp_endpoint.rstrip("/")
@@ -64,18 +64,21 @@ def _up(args: argparse.Namespace) -> int:
         log_dir=Path(args.log_dir),
         otlp_endpoint=endpoint,
         triton_trace_url=f"{endpoint}/v1/traces" if endpoint else "",
+        postprocess_in_gateway=args.postprocess_in_gateway,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"starting Triton and {', '.join(SERVICES)} (logs in {mesh.log_dir}/) ...", file=sys.stderr)
+    print(f"starting Triton and {', '.join(mesh.services)} (logs in {mesh.log_dir}/) ...", file=sys.stderr)
     started = time.monotonic()
     try:
         mesh.start()
         print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         assert mesh.triton is not None
         print(f"  triton       grpc {mesh.triton.grpc_url}  http {mesh.triton.http_url}", file=sys.stderr)
-        for name in SERVICES:
+        if args.postprocess_in_gateway:
+            print("  postprocess  in the gateway's process", file=sys.stderr)
+        for name in mesh.services:
             print(
                 f"  {name:<12} {mesh.address(name)}  (pid {mesh.procs[name].pid})  metrics {ports.metrics_url(name)}",
                 file=sys.stderr,
@@ -118,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         "--otlp-endpoint",
         default="",
         help="trace every service and Triton to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318",
+    )
+    up.add_argument(
+        "--postprocess-in-gateway",
+        action="store_true",
+        help="run postprocess inside the gateway's process (two gRPC messages less per token)",
     )
     up.set_defaults(func=_up)
 

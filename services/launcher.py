@@ -90,8 +90,16 @@ class Mesh:
     # public-ca.pem). Every service serves TLS, the stages require client certificates (mutual TLS), the
     # gateway reaches them with its own certificate. None = plaintext.
     tls_dir: Path | None = None
+    # Postprocess runs inside the gateway's process (LLMMESH_GATEWAY_POSTPROCESS_URL=inprocess): three
+    # service processes instead of four.
+    postprocess_in_gateway: bool = False
     triton: TritonServer | None = field(default=None, init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The service processes this mesh runs, in start order."""
+        return tuple(s for s in SERVICES if not (s == "postprocess" and self.postprocess_in_gateway))
 
     def address(self, service: str) -> str:
         return f"{self.host}:{getattr(self.ports, service)}"
@@ -112,7 +120,9 @@ class Mesh:
                 "LLMMESH_GATEWAY_PORT": str(p.gateway),
                 "LLMMESH_GATEWAY_PREPROCESS_URL": self.address("preprocess"),
                 "LLMMESH_GATEWAY_INFER_URL": self.address("infer"),
-                "LLMMESH_GATEWAY_POSTPROCESS_URL": self.address("postprocess"),
+                "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess"
+                if self.postprocess_in_gateway
+                else self.address("postprocess"),
                 "HF_HUB_OFFLINE": "1",
                 # The service drains and exits if this process dies (see common/server.py).
                 "LLMMESH_PARENT_PID": str(os.getpid()),
@@ -188,7 +198,7 @@ class Mesh:
         self.triton.wait_ready(timeout)
 
     def start(self, timeout: float = 180.0) -> None:
-        """Starts everything and returns once Triton is ready and all four services report SERVING."""
+        """Starts everything and returns once Triton is ready and every service reports SERVING."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.triton = TritonServer(
             grpc_port=self.ports.triton_grpc,
@@ -202,17 +212,17 @@ class Mesh:
         )
         try:
             self.triton.start()
-            for name in SERVICES:
+            for name in self.services:
                 self.start_service(name)
             self.triton.wait_ready(timeout)
-            self.wait_serving(SERVICES, timeout)
+            self.wait_serving(self.services, timeout)
         except BaseException:
             self.stop()
             raise
 
-    def wait_serving(self, services: tuple[str, ...] = SERVICES, timeout: float = 60.0) -> None:
+    def wait_serving(self, services: tuple[str, ...] | None = None, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        pending = list(services)
+        pending = list(self.services if services is None else services)
         credentials = self.probe_credentials()
         while pending:
             for name in list(pending):

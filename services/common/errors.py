@@ -32,6 +32,7 @@ __all__ = [
     "StatusInterceptor",
     "Unavailable",
     "retry_status",
+    "status_of",
 ]
 
 log = get_logger(__name__)
@@ -73,7 +74,8 @@ class DeadlineExceeded(LlmmeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status an error maps to; None for the unexpected (INTERNAL, to be logged with its traceback)."""
     if isinstance(exc, LlmmeshError):
         return exc.code, str(exc)
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -106,7 +108,7 @@ def retry_status(code: grpc.StatusCode, message: str, retry_after: float) -> grp
 
 
 async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    mapped = _status_of(exc)
+    mapped = status_of(exc)
     if mapped is None:
         log.exception("unexpected_error", method=method, code="INTERNAL")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
@@ -135,7 +137,7 @@ async def _abort_leaked_cancel(method: str, context: grpc.aio.ServicerContext) -
 def _code_of(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED.name
-    mapped = _status_of(exc)
+    mapped = status_of(exc)
     return mapped[0].name if mapped else grpc.StatusCode.INTERNAL.name
 
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -34,22 +34,27 @@ from llmmesh.stages.v1 import (
     infer_pb2,
     infer_pb2_grpc,
     postprocess_pb2,
-    postprocess_pb2_grpc,
     preprocess_pb2,
     preprocess_pb2_grpc,
 )
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["Orchestrator", "Stages"]
+__all__ = ["Orchestrator", "PostprocessStub", "Stages"]
 
 log = get_logger(__name__)
+
+
+class PostprocessStub(Protocol):
+    """`PostprocessServiceStub`, or postprocess in this process (`llmmesh.postprocess.local`)."""
+
+    def Process(self, timeout: float | None = None) -> grpc.aio.StreamStreamCall: ...
 
 
 @dataclass(frozen=True)
 class Stages:
     preprocess: preprocess_pb2_grpc.PreprocessServiceStub
     infer: infer_pb2_grpc.InferServiceStub
-    postprocess: postprocess_pb2_grpc.PostprocessServiceStub
+    postprocess: PostprocessStub
     # name -> channel, to connect (or fail fast) before a request is sent to a stage.
     channels: dict[str, grpc.aio.Channel]
     connect_timeout: float = 2.0

@@ -16,7 +16,7 @@ from llmmesh.postprocess.servicer import PostprocessServicer
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["PostprocessSettings", "StreamSafety", "create_server"]
+__all__ = ["PostprocessSettings", "StreamSafety", "build_servicer", "create_server"]
 
 CHUNKING_FROM_PROTO = {
     generation_pb2.CHUNKING_MODE_UNSPECIFIED: ChunkingMode.TOKEN,
@@ -52,7 +52,9 @@ class StreamSafety:
         return verdict.text, verdict.blocked
 
 
-async def create_server(settings: PostprocessSettings) -> Service:
+def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None]:
+    """The servicer and its classifier client (to close): served by `create_server`, or called in the
+    gateway's own process (`llmmesh.postprocess.local`)."""
     assets = load_model_assets(settings.gguf_path or None)
     policies = PolicyStore(
         settings.safety_policy_path or None,
@@ -75,14 +77,17 @@ async def create_server(settings: PostprocessSettings) -> Service:
             assets.token_bytes, list(start.stop), StreamSafety(SafetyStream(policy, use_classifier)), chunking
         )
 
+    return PostprocessServicer(make_pipeline), classifier
+
+
+async def create_server(settings: PostprocessSettings) -> Service:
+    servicer, classifier = build_servicer(settings)
     name = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name
     service = build_server(
         "postprocess",
         settings,
         [name],
-        lambda server: postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(
-            PostprocessServicer(make_pipeline), server
-        ),
+        lambda server: postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(servicer, server),
     )
     if classifier is not None:
         service.closers.append(classifier.close)

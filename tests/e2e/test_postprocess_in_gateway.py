@@ -1,0 +1,108 @@
+"""Postprocess in the gateway's process (LLMMESH_GATEWAY_POSTPROCESS_URL=inprocess), end to end.
+
+A second gateway process runs beside the session mesh's, on the same preprocess, infer and Triton, with
+postprocess inside it and no channel to the postprocess service. Its answers must be the ones the
+four-process mesh gives, with stop strings, the blocklist and cancellation working the same way. Each
+request here is unique (max_tokens) so that it is a real generation, not a dedup replay of another test's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from llmmesh.launcher import Mesh, free_port
+from llmmesh.v1 import generation_pb2, generation_pb2_grpc
+
+from .conftest import BLOCKED_WORD, model_counters, request, settled_counters
+
+pytestmark = pytest.mark.e2e
+
+Stub = generation_pb2_grpc.GenerationServiceStub
+KEY = "gateway-inprocess"
+
+
+@pytest.fixture(scope="module")
+def colocated(mesh: Mesh) -> Iterator[Stub]:
+    port = free_port()
+    mesh.start_service(
+        "gateway",
+        KEY,
+        {
+            "LLMMESH_GATEWAY_PORT": str(port),
+            "LLMMESH_GATEWAY_METRICS_PORT": str(free_port()),
+            "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess",
+        },
+    )
+    try:
+        with grpc.insecure_channel(f"{mesh.host}:{port}") as channel:
+            stub = Stub(channel)
+            deadline = time.monotonic() + 60
+            while True:  # SERVING once preprocess and infer are; no postprocess channel to wait for
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=1)
+                    break
+                except grpc.FutureTimeoutError:
+                    assert mesh.procs[KEY].poll() is None, mesh.log_tail(KEY)
+                    assert time.monotonic() < deadline, "the co-located gateway did not start"
+            yield stub
+    finally:
+        assert mesh.stop_service(KEY) == 0, mesh.log_tail(KEY)
+    assert "postprocess_in_process" in (mesh.log_dir / f"{KEY}.log").read_text()
+
+
+def collect(stub: Stub, req: generation_pb2.GenerateRequest) -> tuple[str, list[int], generation_pb2.Final]:
+    text, ids, final = "", [], None
+    for response in stub.Generate(req, timeout=120, wait_for_ready=True):
+        if response.HasField("chunk"):
+            text += response.chunk.text
+            ids += response.chunk.token_ids
+        else:
+            final = response.final
+    assert final is not None, "the stream ended without a final message"
+    return text, ids, final
+
+
+def test_the_answer_is_the_four_process_meshs(colocated: Stub, gateway: Stub) -> None:
+    req = request("What is the capital of France?", temperature=0.0, max_tokens=23)
+    text, ids, final = collect(colocated, req)  # first: a real generation through the in-process pipeline
+    assert final.reuse == generation_pb2.REUSE_NONE
+    assert "Paris" in text and final.usage.completion_tokens == len(ids) > 0
+    assert final.timings.time_to_first_token_ms > 0
+    again_text, again_ids, again = collect(gateway, req)
+    assert (again_text, again_ids, again.finish_reason) == (text, ids, final.finish_reason)
+
+
+def test_a_stop_string_ends_the_answer(colocated: Stub) -> None:
+    text, _, final = collect(
+        colocated, request("What is the capital of France?", temperature=0.0, max_tokens=29, stop=["Paris"])
+    )
+    assert (final.finish_reason, final.matched_stop) == (generation_pb2.FINISH_REASON_STOP_STRING, "Paris")
+    assert "capital" in text and "Paris" not in text
+
+
+def test_a_blocked_word_ends_the_answer_with_content_filter(colocated: Stub) -> None:
+    text, _, final = collect(colocated, request("What is the capital of Germany?", temperature=0.0, max_tokens=47))
+    assert (final.finish_reason, final.filter_category) == (generation_pb2.FINISH_REASON_CONTENT_FILTER, "custom")
+    assert BLOCKED_WORD not in text and "Ber" not in text
+
+
+def test_a_client_cancel_stops_the_model(colocated: Stub, mesh: Mesh) -> None:
+    before = settled_counters(mesh)
+    stream = colocated.Generate(
+        request("Write a long story about a dragon.", temperature=0.0, max_tokens=399), timeout=120
+    )
+    chunks = 0
+    for response in stream:
+        chunks += response.HasField("chunk")
+        if chunks == 5:
+            stream.cancel()
+            break
+    deadline = time.monotonic() + 5
+    while model_counters(mesh)["cancelled"] < before["cancelled"] + 1:
+        assert time.monotonic() < deadline, "the model saw no cancel"
+        time.sleep(0.05)
+    assert model_counters(mesh)["tokens"] - before["tokens"] < 100
