@@ -99,12 +99,23 @@ def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[
         print(f"mesh up: gateway {mesh.address('gateway')}, logs in {log_dir}", file=sys.stderr)
         addresses = {"direct": mesh.triton.grpc_url, "infer": mesh.address("infer"), "mesh": mesh.address("gateway")}
         pids = dict.fromkeys(("direct", "infer", "mesh"), mesh_pids(mesh))
-        if args.variant:
+        if args.variant or args.colocated:
             # A second mesh whose services import `llmmesh` from the given folder first: a patched copy
-            # of services/, measured side by side with this checkout's under the same load and noise.
-            env = {"PYTHONPATH": str(args.variant.resolve())}
-            variant = stack.enter_context(running_mesh(args.ttft_ms, args.itl_ms, log_dir / "variant", env, **options))
-            print(f"variant up: gateway {variant.address('gateway')} (llmmesh from {args.variant})", file=sys.stderr)
+            # of services/, measured side by side with this checkout's under the same load and noise. Or
+            # (--colocated) this checkout with postprocess in the gateway's process.
+            env = {"PYTHONPATH": str(args.variant.resolve())} if args.variant else {}
+            variant = stack.enter_context(
+                running_mesh(
+                    args.ttft_ms,
+                    args.itl_ms,
+                    log_dir / "variant",
+                    env,
+                    postprocess_in_gateway=args.colocated,
+                    **options,
+                )
+            )
+            what = f"llmmesh from {args.variant}" if args.variant else "postprocess in the gateway"
+            print(f"variant up: gateway {variant.address('gateway')} ({what})", file=sys.stderr)
             addresses["variant"] = variant.address("gateway")
             pids["variant"] = mesh_pids(variant)
         yield addresses, pids
@@ -172,10 +183,12 @@ async def _bench(
 def _run(args: argparse.Namespace) -> int:
     from .report import markdown, plot
 
-    if args.variant and "variant" not in args.targets:
+    if args.variant and args.colocated:
+        raise SystemExit("--variant and --colocated both name the variant mesh: choose one")
+    if (args.variant or args.colocated) and "variant" not in args.targets:
         args.targets = [*args.targets, "variant"]
-    if "variant" in args.targets and not args.variant:
-        raise SystemExit("target variant needs --variant DIR")
+    if "variant" in args.targets and not (args.variant or args.colocated):
+        raise SystemExit("target variant needs --variant DIR or --colocated")
     workload = WORKLOADS[args.workload]
     if args.max_tokens:
         workload = Workload(
@@ -196,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
             "requests": args.requests,
             "pii_redaction": args.pii,
             "safety_classifier": args.classifier,
+            "variant": "postprocess in the gateway's process" if args.colocated else str(args.variant or ""),
         },
     }
     with _endpoints(args) as (addresses, pids):
@@ -289,6 +303,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--variant", type=Path,
         help="a folder holding a patched copy of services/ named llmmesh/: a second mesh runs it (target variant)",
+    )  # fmt: skip
+    run.add_argument(
+        "--colocated", action="store_true",
+        help="target variant: this checkout's mesh with postprocess in the gateway's process",
     )  # fmt: skip
     run.add_argument("--triton-model", default="instrument", help="Triton model the direct client calls")
     run.add_argument("--seed", type=int, default=0, help="open loop: arrival process seed")

@@ -76,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
     raw_dir.mkdir(parents=True, exist_ok=True)
     built = build(WORKLOADS[args.workload], "instrument")
     spy = _py_spy()
-    with running_mesh(args.ttft_ms, args.itl_ms, raw_dir / "logs", pii=args.pii == "on") as mesh:
+    services = [s for s in args.services if not (args.colocated and s == "postprocess")]
+    with running_mesh(
+        args.ttft_ms, args.itl_ms, raw_dir / "logs", pii=args.pii == "on", postprocess_in_gateway=args.colocated
+    ) as mesh:
         pids = {**mesh_pids(mesh), "loadgen": os.getpid()}
 
         async def load() -> dict[str, Any]:
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             # --native (C frames: grpc core, protobuf, uvloop) needs py-spy to pause the process per sample.
             mode = ["--native"] if args.native else ["--nonblocking"]
             spies = []
-            for name in args.services:
+            for name in services:
                 command = [spy, "record", *mode, "-p", str(pids[name]), "-d", str(int(args.duration))]
                 command += ["-r", str(args.rate), "-f", "raw", "-o", str(raw_dir / f"{name}.txt")]
                 spies.append(
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         summary = uvloop.run(load())
     profiles = {
         name: aggregate((raw_dir / f"{name}.txt").read_text(), args.top)
-        for name in args.services
+        for name in services
         if (raw_dir / f"{name}.txt").exists()
     }
     out = {
@@ -127,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency,
         "native": args.native,
         "pii_redaction": args.pii,
+        "postprocess_in_gateway": args.colocated,
         "load": {
             k: summary[k]
             for k in ("completed", "errors", "output_tokens_per_s", "tokens_per_message", "ttft_ms", "itl_ms")
@@ -159,6 +163,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--pii", choices=("on", "off"), default="on", help="PII redaction in the mesh")
     p.add_argument("--services", nargs="+", choices=PROFILED, default=list(PROFILED))
+    p.add_argument("--colocated", action="store_true", help="postprocess in the gateway's process")
     p.add_argument("--native", action="store_true", help="C frames too (py-spy pauses the process per sample)")
     p.add_argument("--top", type=int, default=15, help="functions listed per service")
     p.add_argument("--out", type=Path)

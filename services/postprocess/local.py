@@ -10,7 +10,8 @@ per token and the process they cross (loadtest/README.md, "Postprocess in the ga
 Semantics follow grpc.aio's client call: `write` after the call ended raises (AioRpcError with the call's
 status, or InvalidStateError), an error raised by the servicer ends the call with the status that the
 servers' StatusInterceptor would have sent (INTERNAL for the unexpected, logged), `cancel()` ends it with
-CANCELLED and a pending `read` raises CancelledError, and a deadline ends it with DEADLINE_EXCEEDED.
+CANCELLED and a pending `read` raises CancelledError, and a deadline ends it with DEADLINE_EXCEEDED (a
+pending `read` raises it; a servicer busy in the classifier is stopped at its next request).
 
 The servicer runs inside the reader's `read()` (no task of its own): a token costs a queue put and get.
 """
@@ -43,6 +44,8 @@ class LocalProcessCall(grpc.aio.StreamStreamCall):
     def __init__(self, servicer: PostprocessServicer, timeout: float | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._deadline = None if timeout is None else self._loop.time() + timeout
+        # One timer per call (not one per read: that would cost a timer per token).
+        self._timer = None if self._deadline is None else self._loop.call_at(self._deadline, self._expire)
         self._requests: asyncio.Queue[Any] = asyncio.Queue()
         # The servicer never looks at its context.
         self._responses = cast(
@@ -66,10 +69,24 @@ class LocalProcessCall(grpc.aio.StreamStreamCall):
                 raise asyncio.CancelledError
             yield item
 
+    def _expire(self) -> None:
+        if self._code is None:
+            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            self._stop_servicer()
+
+    def _stop_servicer(self) -> None:
+        if self._reading:
+            self._requests.put_nowait(_CANCEL)  # the servicer waits for a request: stop it there
+        else:
+            # Suspended at a `yield` (or never started): close it, so its span and pipeline end now.
+            self._closer = self._loop.create_task(self._responses.aclose())
+
     def _finish(self, code: grpc.StatusCode, details: str) -> None:
         if self._code is not None:
             return
         self._code, self._details = code, details
+        if self._timer is not None:
+            self._timer.cancel()
         self._finished.set()
         for callback in self._callbacks:
             self._loop.call_soon(callback, self)
@@ -90,19 +107,16 @@ class LocalProcessCall(grpc.aio.StreamStreamCall):
             raise self._error()
         self._reading = True
         try:
-            if self._deadline is None:
-                return await anext(self._responses)
-            async with asyncio.timeout_at(self._deadline):
-                return await anext(self._responses)
+            return await anext(self._responses)
         except StopAsyncIteration:
             self._finish(grpc.StatusCode.OK, "")
             return grpc.aio.EOF
-        except TimeoutError:
-            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            raise self._error() from None
         except asyncio.CancelledError:
-            # cancel() from elsewhere, or the reading task itself was cancelled: the call is over either way.
+            # cancel() or the deadline from elsewhere, or the reading task itself was cancelled: the call is
+            # over either way.
             self._finish(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+            if self._code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise self._error() from None
             raise
         except Exception as exc:
             mapped = status_of(exc)
@@ -140,11 +154,7 @@ class LocalProcessCall(grpc.aio.StreamStreamCall):
         if self._code is not None:
             return False
         self._finish(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
-        if self._reading:
-            self._requests.put_nowait(_CANCEL)  # the servicer waits for a request: stop it there
-        else:
-            # Suspended at a `yield` (or never started): close it, so its span and pipeline end now.
-            self._closer = self._loop.create_task(self._responses.aclose())
+        self._stop_servicer()
         return True
 
     def cancelled(self) -> bool:
