@@ -61,6 +61,15 @@ def test_service_images_listen_everywhere_and_check_grpc_health(service: str) ->
     assert stage.env[prefix + "PORT"] == compose_port
 
 
+def test_the_gateway_with_postprocess_is_the_gateway_plus_the_tokenizer() -> None:
+    """`gateway-with-postprocess`: the gateway's image, settings and health check, the tokenizer layer that
+    postprocess needs, and postprocess in process."""
+    stage, gateway = STAGES["gateway-with-postprocess"], STAGES["gateway"]
+    assert stage.base == "service-with-tokenizer" and gateway.base == "service"
+    assert stage.env == {**gateway.env, "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess"}
+    assert (stage.user, stage.healthcheck, stage.entrypoint) == (gateway.user, gateway.healthcheck, gateway.entrypoint)
+
+
 def test_stubs_are_generated_by_the_image_build() -> None:
     """The build copies what setup.py needs, installs the package (which generates the stubs) and imports them."""
     build = STAGES["build"]
