@@ -99,10 +99,10 @@ def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[
         print(f"mesh up: gateway {mesh.address('gateway')}, logs in {log_dir}", file=sys.stderr)
         addresses = {"direct": mesh.triton.grpc_url, "infer": mesh.address("infer"), "mesh": mesh.address("gateway")}
         pids = dict.fromkeys(("direct", "infer", "mesh"), mesh_pids(mesh))
-        if args.variant or args.colocated:
+        if args.variant or args.in_gateway:
             # A second mesh whose services import `llmmesh` from the given folder first: a patched copy
             # of services/, measured side by side with this checkout's under the same load and noise. Or
-            # (--colocated) this checkout with postprocess in the gateway's process.
+            # (--in-gateway) this checkout with stages in the gateway's process.
             env = {"PYTHONPATH": str(args.variant.resolve())} if args.variant else {}
             variant = stack.enter_context(
                 running_mesh(
@@ -110,11 +110,11 @@ def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[
                     args.itl_ms,
                     log_dir / "variant",
                     env,
-                    postprocess_in_gateway=args.colocated,
+                    in_gateway=tuple(args.in_gateway),
                     **options,
                 )
             )
-            what = f"llmmesh from {args.variant}" if args.variant else "postprocess in the gateway"
+            what = f"llmmesh from {args.variant}" if args.variant else f"{' and '.join(args.in_gateway)} in the gateway"
             print(f"variant up: gateway {variant.address('gateway')} ({what})", file=sys.stderr)
             addresses["variant"] = variant.address("gateway")
             pids["variant"] = mesh_pids(variant)
@@ -183,12 +183,12 @@ async def _bench(
 def _run(args: argparse.Namespace) -> int:
     from .report import markdown, plot
 
-    if args.variant and args.colocated:
-        raise SystemExit("--variant and --colocated both name the variant mesh: choose one")
-    if (args.variant or args.colocated) and "variant" not in args.targets:
+    if args.variant and args.in_gateway:
+        raise SystemExit("--variant and --in-gateway both name the variant mesh: choose one")
+    if (args.variant or args.in_gateway) and "variant" not in args.targets:
         args.targets = [*args.targets, "variant"]
-    if "variant" in args.targets and not (args.variant or args.colocated):
-        raise SystemExit("target variant needs --variant DIR or --colocated")
+    if "variant" in args.targets and not (args.variant or args.in_gateway):
+        raise SystemExit("target variant needs --variant DIR or --in-gateway STAGE...")
     workload = WORKLOADS[args.workload]
     if args.max_tokens:
         workload = Workload(
@@ -209,7 +209,9 @@ def _run(args: argparse.Namespace) -> int:
             "requests": args.requests,
             "pii_redaction": args.pii,
             "safety_classifier": args.classifier,
-            "variant": "postprocess in the gateway's process" if args.colocated else str(args.variant or ""),
+            "variant": f"{' and '.join(args.in_gateway)} in the gateway's process"
+            if args.in_gateway
+            else str(args.variant or ""),
         },
     }
     with _endpoints(args) as (addresses, pids):
@@ -305,8 +307,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a folder holding a patched copy of services/ named llmmesh/: a second mesh runs it (target variant)",
     )  # fmt: skip
     run.add_argument(
-        "--colocated", action="store_true",
-        help="target variant: this checkout's mesh with postprocess in the gateway's process",
+        "--in-gateway", nargs="+", choices=("preprocess", "postprocess"), default=[], metavar="STAGE",
+        help="target variant: this checkout's mesh with these stages in the gateway's process",
     )  # fmt: skip
     run.add_argument("--triton-model", default="instrument", help="Triton model the direct client calls")
     run.add_argument("--seed", type=int, default=0, help="open loop: arrival process seed")
@@ -333,10 +335,12 @@ def _parser() -> argparse.ArgumentParser:
     seq.add_argument("--check", action="store_true", help="only check that the stored ids are current")
     seq.set_defaults(func=_sequence)
 
+    from .first_token import add_parser as add_first_token
     from .perf_analyzer import add_parser as add_perf_analyzer
     from .profile import add_parser as add_profile
     from .soak import add_parser as add_soak
 
+    add_first_token(sub)
     add_perf_analyzer(sub)
     add_profile(sub)
     add_soak(sub)

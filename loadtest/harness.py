@@ -88,7 +88,7 @@ def running_mesh(
     env: dict[str, str] | None = None,
     pii: bool = True,
     classifier: bool = False,
-    postprocess_in_gateway: bool = False,
+    in_gateway: tuple[str, ...] = (),
 ) -> Iterator[Mesh]:
     """Triton (instrument) and the four services as processes; stopped in order (gateway first) on exit."""
     with tempfile.TemporaryDirectory(prefix="llmmesh-instrument-") as tmp:
@@ -108,7 +108,7 @@ def running_mesh(
                 env={**extra, **(env or {})},
                 triton_models=models,
                 model_repository=repository,
-                postprocess_in_gateway=postprocess_in_gateway,
+                in_gateway=in_gateway,
             )
             try:
                 mesh.start()  # stops whatever it started if it fails

@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     raw_dir.mkdir(parents=True, exist_ok=True)
     built = build(WORKLOADS[args.workload], "instrument")
     spy = _py_spy()
-    services = [s for s in args.services if not (args.colocated and s == "postprocess")]
+    services = [s for s in args.services if s not in args.in_gateway]
     with running_mesh(
-        args.ttft_ms, args.itl_ms, raw_dir / "logs", pii=args.pii == "on", postprocess_in_gateway=args.colocated
+        args.ttft_ms, args.itl_ms, raw_dir / "logs", pii=args.pii == "on", in_gateway=tuple(args.in_gateway)
     ) as mesh:
         pids = {**mesh_pids(mesh), "loadgen": os.getpid()}
 
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         "concurrency": args.concurrency,
         "native": args.native,
         "pii_redaction": args.pii,
-        "postprocess_in_gateway": args.colocated,
+        "in_gateway": args.in_gateway,
         "load": {
             k: summary[k]
             for k in ("completed", "errors", "output_tokens_per_s", "tokens_per_message", "ttft_ms", "itl_ms")
@@ -163,7 +163,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--pii", choices=("on", "off"), default="on", help="PII redaction in the mesh")
     p.add_argument("--services", nargs="+", choices=PROFILED, default=list(PROFILED))
-    p.add_argument("--colocated", action="store_true", help="postprocess in the gateway's process")
+    p.add_argument(
+        "--in-gateway", nargs="+", choices=("preprocess", "postprocess"), default=[], metavar="STAGE",
+        help="stages run in the gateway's process",
+    )  # fmt: skip
     p.add_argument("--native", action="store_true", help="C frames too (py-spy pauses the process per sample)")
     p.add_argument("--top", type=int, default=15, help="functions listed per service")
     p.add_argument("--out", type=Path)

@@ -64,7 +64,7 @@ def _up(args: argparse.Namespace) -> int:
         log_dir=Path(args.log_dir),
         otlp_endpoint=endpoint,
         triton_trace_url=f"{endpoint}/v1/traces" if endpoint else "",
-        postprocess_in_gateway=args.postprocess_in_gateway,
+        in_gateway=tuple(args.in_gateway),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -76,8 +76,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         assert mesh.triton is not None
         print(f"  triton       grpc {mesh.triton.grpc_url}  http {mesh.triton.http_url}", file=sys.stderr)
-        if args.postprocess_in_gateway:
-            print("  postprocess  in the gateway's process", file=sys.stderr)
+        for name in args.in_gateway:
+            print(f"  {name:<12} in the gateway's process", file=sys.stderr)
         for name in mesh.services:
             print(
                 f"  {name:<12} {mesh.address(name)}  (pid {mesh.procs[name].pid})  metrics {ports.metrics_url(name)}",
@@ -123,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         help="trace every service and Triton to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318",
     )
     up.add_argument(
-        "--postprocess-in-gateway",
-        action="store_true",
-        help="run postprocess inside the gateway's process (two gRPC messages less per token)",
+        "--in-gateway",
+        nargs="+",
+        choices=("preprocess", "postprocess"),
+        default=[],
+        metavar="STAGE",
+        help="run these stages (preprocess, postprocess) inside the gateway's process instead of their own",
     )
     up.set_defaults(func=_up)
 

@@ -90,19 +90,22 @@ class Mesh:
     # public-ca.pem). Every service serves TLS, the stages require client certificates (mutual TLS), the
     # gateway reaches them with its own certificate. None = plaintext.
     tls_dir: Path | None = None
-    # Postprocess runs inside the gateway's process (LLMMESH_GATEWAY_POSTPROCESS_URL=inprocess): three
-    # service processes instead of four.
-    postprocess_in_gateway: bool = False
+    # Stages (preprocess, postprocess) that run inside the gateway's process (LLMMESH_GATEWAY_<STAGE>_URL=
+    # inprocess) instead of as processes of their own.
+    in_gateway: tuple[str, ...] = ()
     triton: TritonServer | None = field(default=None, init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
 
     @property
     def services(self) -> tuple[str, ...]:
         """The service processes this mesh runs, in start order."""
-        return tuple(s for s in SERVICES if not (s == "postprocess" and self.postprocess_in_gateway))
+        return tuple(s for s in SERVICES if s not in self.in_gateway)
 
     def address(self, service: str) -> str:
         return f"{self.host}:{getattr(self.ports, service)}"
+
+    def _stage_url(self, stage: str) -> str:
+        return "inprocess" if stage in self.in_gateway else self.address(stage)
 
     def _service_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -118,11 +121,9 @@ class Mesh:
                 "LLMMESH_POSTPROCESS_PORT": str(p.postprocess),
                 "LLMMESH_GATEWAY_HOST": self.host,
                 "LLMMESH_GATEWAY_PORT": str(p.gateway),
-                "LLMMESH_GATEWAY_PREPROCESS_URL": self.address("preprocess"),
+                "LLMMESH_GATEWAY_PREPROCESS_URL": self._stage_url("preprocess"),
                 "LLMMESH_GATEWAY_INFER_URL": self.address("infer"),
-                "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess"
-                if self.postprocess_in_gateway
-                else self.address("postprocess"),
+                "LLMMESH_GATEWAY_POSTPROCESS_URL": self._stage_url("postprocess"),
                 "HF_HUB_OFFLINE": "1",
                 # The service drains and exits if this process dies (see common/server.py).
                 "LLMMESH_PARENT_PID": str(os.getpid()),

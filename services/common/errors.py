@@ -31,6 +31,7 @@ __all__ = [
     "ResourceExhausted",
     "StatusInterceptor",
     "Unavailable",
+    "as_rpc_error",
     "retry_status",
     "status_of",
 ]
@@ -84,6 +85,18 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
     return None
+
+
+def as_rpc_error(exc: Exception, method: str) -> grpc.aio.AioRpcError:
+    """What a gRPC caller would have got for `exc` raised by a servicer: for a stage called in process
+    (llmmesh.preprocess.local, llmmesh.postprocess.local). The unexpected is logged and becomes INTERNAL."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc
+    mapped = status_of(exc)
+    if mapped is None:
+        log.error("unexpected_error", method=method, code="INTERNAL", exc_info=exc)
+        mapped = (grpc.StatusCode.INTERNAL, "internal error")
+    return grpc.aio.AioRpcError(mapped[0], grpc.aio.Metadata(), grpc.aio.Metadata(), details=mapped[1])
 
 
 class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,13 +35,20 @@ from llmmesh.stages.v1 import (
     infer_pb2_grpc,
     postprocess_pb2,
     preprocess_pb2,
-    preprocess_pb2_grpc,
 )
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["Orchestrator", "PostprocessStub", "Stages"]
+__all__ = ["Orchestrator", "PostprocessStub", "PreprocessStub", "Stages"]
 
 log = get_logger(__name__)
+
+
+class PreprocessStub(Protocol):
+    """`PreprocessServiceStub`, or preprocess in this process (`llmmesh.preprocess.local`)."""
+
+    def Prepare(
+        self, request: preprocess_pb2.PrepareRequest, timeout: float | None = None
+    ) -> Awaitable[preprocess_pb2.PrepareResponse]: ...
 
 
 class PostprocessStub(Protocol):
@@ -52,7 +59,7 @@ class PostprocessStub(Protocol):
 
 @dataclass(frozen=True)
 class Stages:
-    preprocess: preprocess_pb2_grpc.PreprocessServiceStub
+    preprocess: PreprocessStub
     infer: infer_pb2_grpc.InferServiceStub
     postprocess: PostprocessStub
     # name -> channel, to connect (or fail fast) before a request is sent to a stage.

@@ -15,10 +15,14 @@ from llmmesh.common.server import Service, build_server, channel
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.gateway.admission import AdmissionController, AdmissionLimits
 from llmmesh.gateway.auth import AuthInterceptor, KeyTable
-from llmmesh.gateway.orchestrator import Orchestrator, PostprocessStub, Stages
+from llmmesh.gateway.orchestrator import Orchestrator, PostprocessStub, PreprocessStub, Stages
 from llmmesh.gateway.servicer import GatewayServicer
 from llmmesh.postprocess.local import LocalPostprocessStub
-from llmmesh.postprocess.server import PostprocessSettings, build_servicer
+from llmmesh.postprocess.server import PostprocessSettings
+from llmmesh.postprocess.server import build_servicer as build_postprocess
+from llmmesh.preprocess.local import LocalPreprocessStub
+from llmmesh.preprocess.server import PreprocessSettings
+from llmmesh.preprocess.server import build_servicer as build_preprocess
 from llmmesh.stages.v1 import infer_pb2_grpc, postprocess_pb2_grpc, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
@@ -32,10 +36,11 @@ log = get_logger(__name__)
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLMMESH_GATEWAY_", frozen=True, extra="ignore")
 
+    # "inprocess" for preprocess or postprocess: that stage's servicer runs in this process
+    # (llmmesh.<stage>.local), configured by its own LLMMESH_<STAGE>_* settings; no process to deploy for it.
+    # Preprocess: no Prepare round trip before the first token. Postprocess: two gRPC messages less per token.
     preprocess_url: str = "127.0.0.1:50052"
     infer_url: str = "127.0.0.1:50053"
-    # "inprocess": postprocess's servicer runs in this process (llmmesh.postprocess.local), configured by the
-    # LLMMESH_POSTPROCESS_* settings; two gRPC messages less per token, one process less to deploy.
     postprocess_url: str = "127.0.0.1:50054"
     health_interval_seconds: float = Field(default=1.0, gt=0)
     # A request waits at most this long for an unconnected stage before failing with UNAVAILABLE.
@@ -91,22 +96,34 @@ def _auth_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterce
 
 
 async def create_server(settings: GatewaySettings) -> Service:
-    channels = {
-        "preprocess": channel(settings.preprocess_url, settings),
-        "infer": channel(settings.infer_url, settings),
-    }
+    channels: dict[str, grpc.aio.Channel] = {"infer": channel(settings.infer_url, settings)}
     closers = []
+    preprocess: PreprocessStub
+    if settings.preprocess_url == INPROCESS:
+        pre_servicer, pre_classifier = build_preprocess(PreprocessSettings())
+        preprocess = LocalPreprocessStub(pre_servicer)
+        if pre_classifier is not None:
+            closers.append(pre_classifier.close)
+    else:
+        channels["preprocess"] = channel(settings.preprocess_url, settings)
+        preprocess = preprocess_pb2_grpc.PreprocessServiceStub(channels["preprocess"])
+    postprocess: PostprocessStub
     if settings.postprocess_url == INPROCESS:
-        servicer, classifier = build_servicer(PostprocessSettings())
-        postprocess: PostprocessStub = LocalPostprocessStub(servicer)
-        if classifier is not None:
-            closers.append(classifier.close)
-        log.info("postprocess_in_process")
+        post_servicer, post_classifier = build_postprocess(PostprocessSettings())
+        postprocess = LocalPostprocessStub(post_servicer)
+        if post_classifier is not None:
+            closers.append(post_classifier.close)
     else:
         channels["postprocess"] = channel(settings.postprocess_url, settings)
         postprocess = postprocess_pb2_grpc.PostprocessServiceStub(channels["postprocess"])
+    log.info(
+        "stages",
+        preprocess=settings.preprocess_url,
+        infer=settings.infer_url,
+        postprocess=settings.postprocess_url,
+    )
     stages = Stages(
-        preprocess=preprocess_pb2_grpc.PreprocessServiceStub(channels["preprocess"]),
+        preprocess=preprocess,
         infer=infer_pb2_grpc.InferServiceStub(channels["infer"]),
         postprocess=postprocess,
         channels=channels,

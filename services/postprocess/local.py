@@ -25,14 +25,11 @@ from typing import Any, cast
 import grpc
 import grpc.aio
 
-from llmmesh.common.errors import status_of
-from llmmesh.common.logging import get_logger
+from llmmesh.common.errors import as_rpc_error
 from llmmesh.postprocess.servicer import PostprocessServicer
 from llmmesh.stages.v1 import postprocess_pb2
 
 __all__ = ["LocalPostprocessStub", "LocalProcessCall"]
-
-log = get_logger(__name__)
 
 _EOF = object()  # done_writing: the request stream ends
 _CANCEL = object()  # cancel() while the servicer waits for a request
@@ -119,12 +116,9 @@ class LocalProcessCall(grpc.aio.StreamStreamCall):
                 raise self._error() from None
             raise
         except Exception as exc:
-            mapped = status_of(exc)
-            if mapped is None:
-                log.exception("unexpected_error", method=_METHOD, code="INTERNAL")
-                mapped = (grpc.StatusCode.INTERNAL, "internal error")
-            self._finish(*mapped)
-            raise self._error() from None
+            error = as_rpc_error(exc, _METHOD)
+            self._finish(error.code(), error.details() or "")
+            raise error from None
         finally:
             self._reading = False
 

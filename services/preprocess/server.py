@@ -13,7 +13,7 @@ from llmmesh.preprocess.domain import Limits, Preparer
 from llmmesh.preprocess.servicer import PreprocessServicer
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 
-__all__ = ["PreprocessSettings", "create_server"]
+__all__ = ["PreprocessSettings", "build_servicer", "create_server"]
 
 
 class PreprocessSettings(ServiceSettings):
@@ -43,8 +43,9 @@ class PreprocessSettings(ServiceSettings):
     triton_url: str = ""
 
 
-async def create_server(settings: PreprocessSettings) -> Service:
-    """Loads the tokenizer (warm-up), then builds the server; SERVING once loaded."""
+def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, TritonClassifier | None]:
+    """The servicer (tokenizer loaded) and its classifier client (to close): served by `create_server`, or
+    called in the gateway's own process (`llmmesh.preprocess.local`)."""
     assets = load_model_assets(settings.gguf_path or None)
     preparer = Preparer(
         {name: assets for name in (settings.default_model, *settings.model_aliases)},
@@ -64,14 +65,18 @@ async def create_server(settings: PreprocessSettings) -> Service:
     classifier = (
         TritonClassifier(settings.triton_url, policies.current().classifier.model) if settings.triton_url else None
     )
+    return PreprocessServicer(preparer, policies, classifier), classifier
+
+
+async def create_server(settings: PreprocessSettings) -> Service:
+    """Loads the tokenizer (warm-up), then builds the server; SERVING once loaded."""
+    servicer, classifier = build_servicer(settings)
     name = preprocess_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name
     service = build_server(
         "preprocess",
         settings,
         [name],
-        lambda server: preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(
-            PreprocessServicer(preparer, policies, classifier), server
-        ),
+        lambda server: preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(servicer, server),
     )
     if classifier is not None:
         service.closers.append(classifier.close)

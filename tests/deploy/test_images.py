@@ -61,12 +61,13 @@ def test_service_images_listen_everywhere_and_check_grpc_health(service: str) ->
     assert stage.env[prefix + "PORT"] == compose_port
 
 
-def test_the_gateway_with_postprocess_is_the_gateway_plus_the_tokenizer() -> None:
-    """`gateway-with-postprocess`: the gateway's image, settings and health check, the tokenizer layer that
-    postprocess needs, and postprocess in process."""
-    stage, gateway = STAGES["gateway-with-postprocess"], STAGES["gateway"]
+def test_the_gateway_with_stages_is_the_gateway_plus_the_tokenizer() -> None:
+    """`gateway-with-stages`: the gateway's image, settings and health check, the tokenizer layer that
+    preprocess and postprocess need, and both stages in process."""
+    stage, gateway = STAGES["gateway-with-stages"], STAGES["gateway"]
     assert stage.base == "service-with-tokenizer" and gateway.base == "service"
-    assert stage.env == {**gateway.env, "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess"}
+    inprocess = {"LLMMESH_GATEWAY_PREPROCESS_URL": "inprocess", "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess"}
+    assert stage.env == {**gateway.env, **inprocess}
     assert (stage.user, stage.healthcheck, stage.entrypoint) == (gateway.user, gateway.healthcheck, gateway.entrypoint)
 
 

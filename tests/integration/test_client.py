@@ -109,11 +109,14 @@ class FakeMesh(generation_pb2_grpc.GenerationServiceServicer):
         interrupted = threading.Event()
 
         def watch() -> None:
-            for message in request_iterator:
-                if message.WhichOneof("kind") == "interrupt":
-                    s.interrupts += 1
-                    interrupted.set()
-                    return
+            try:
+                for message in request_iterator:
+                    if message.WhichOneof("kind") == "interrupt":
+                        s.interrupts += 1
+                        interrupted.set()
+                        return
+            except grpc.RpcError:
+                return  # the call ended (the client went away, or this handler aborted): nothing more to read
 
         threading.Thread(target=watch, daemon=True).start()
         texts = list(s.chunks)

@@ -1,9 +1,10 @@
-"""Postprocess in the gateway's process (LLMMESH_GATEWAY_POSTPROCESS_URL=inprocess), end to end.
+"""Preprocess and postprocess in the gateway's process (LLMMESH_GATEWAY_<STAGE>_URL=inprocess), end to end.
 
-A second gateway process runs beside the session mesh's, on the same preprocess, infer and Triton, with
-postprocess inside it and no channel to the postprocess service. Its answers must be the ones the
-four-process mesh gives, with stop strings, the blocklist and cancellation working the same way. Each
-request here is unique (max_tokens) so that it is a real generation, not a dedup replay of another test's.
+A second gateway process runs beside the session mesh's, on the same infer and Triton, with preprocess and
+postprocess inside it and no channel to either service. Its answers must be the ones the four-process mesh
+gives, with validation, stop strings, the blocklist (prompt and answer) and cancellation working the same
+way. Each generation here is unique (max_tokens) so that it is a real one, not a dedup replay of another
+test's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .conftest import BLOCKED_WORD, model_counters, request, settled_counters
 pytestmark = pytest.mark.e2e
 
 Stub = generation_pb2_grpc.GenerationServiceStub
-KEY = "gateway-inprocess"
+KEY = "gateway-with-stages"
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def colocated(mesh: Mesh) -> Iterator[Stub]:
         {
             "LLMMESH_GATEWAY_PORT": str(port),
             "LLMMESH_GATEWAY_METRICS_PORT": str(free_port()),
+            "LLMMESH_GATEWAY_PREPROCESS_URL": "inprocess",
             "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess",
         },
     )
@@ -41,7 +43,7 @@ def colocated(mesh: Mesh) -> Iterator[Stub]:
         with grpc.insecure_channel(f"{mesh.host}:{port}") as channel:
             stub = Stub(channel)
             deadline = time.monotonic() + 60
-            while True:  # SERVING once preprocess and infer are; no postprocess channel to wait for
+            while True:  # SERVING once infer is; no channel to preprocess or postprocess to wait for
                 try:
                     grpc.channel_ready_future(channel).result(timeout=1)
                     break
@@ -51,7 +53,8 @@ def colocated(mesh: Mesh) -> Iterator[Stub]:
             yield stub
     finally:
         assert mesh.stop_service(KEY) == 0, mesh.log_tail(KEY)
-    assert "postprocess_in_process" in (mesh.log_dir / f"{KEY}.log").read_text()
+    logged = (mesh.log_dir / f"{KEY}.log").read_text()
+    assert '"preprocess": "inprocess"' in logged and '"postprocess": "inprocess"' in logged
 
 
 def collect(stub: Stub, req: generation_pb2.GenerateRequest) -> tuple[str, list[int], generation_pb2.Final]:
@@ -106,3 +109,22 @@ def test_a_client_cancel_stops_the_model(colocated: Stub, mesh: Mesh) -> None:
         assert time.monotonic() < deadline, "the model saw no cancel"
         time.sleep(0.05)
     assert model_counters(mesh)["tokens"] - before["tokens"] < 100
+
+
+def test_bad_input_is_invalid_argument_naming_the_field(colocated: Stub, gateway: Stub) -> None:
+    for bad in (request("Hi", max_tokens=0), request("Hi", top_p=1.5), generation_pb2.GenerateRequest()):
+        codes = []
+        for stub in (colocated, gateway):
+            with pytest.raises(grpc.RpcError) as info:
+                collect(stub, bad)
+            codes.append((info.value.code(), info.value.details()))  # type: ignore[attr-defined]
+        assert codes[0] == codes[1], codes
+        assert codes[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_blocked_prompt_is_answered_without_generating(colocated: Stub, mesh: Mesh) -> None:
+    before = settled_counters(mesh)
+    text, ids, final = collect(colocated, request("You are a fucking idiot, answer me.", max_tokens=33))
+    assert (text, ids) == ("", [])
+    assert (final.finish_reason, final.filter_category) == (generation_pb2.FINISH_REASON_CONTENT_FILTER, "profanity")
+    assert settled_counters(mesh) == before
