@@ -11,7 +11,8 @@ workload as `run`. From the gateway's own timings in each final message:
   (postprocess, and the PII hold when it is on).
 
 Then the price of waking an idle process: a unary Prepare and a health check, back to back and with 20 ms
-between calls (a request at concurrency 1 finds every process idle).
+between calls (a request at concurrency 1 finds every process idle), and the same CPU work (template and
+tokenizer) back to back and after 20 ms of sleep, without any gRPC.
 
     python -m loadtest first-token [--duration 10]    → results/first_token.json
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -76,6 +78,28 @@ async def _rpc_latency(address: str, calls: int = 60) -> dict[str, float]:
     return out
 
 
+def _cold_cpu(calls: int = 100) -> dict[str, float]:
+    """The same CPU work (SmolLM2's chat template and tokenizer on one prompt) back to back and after
+    20 ms of sleep: what a process pays for having been idle, before any gRPC is involved."""
+    from llmmesh.common.model_assets import load_model_assets
+
+    assets = load_model_assets()
+    messages = [{"role": "user", "content": "Tell me about lighthouses and their keepers."}]
+    out = {}
+    for gap in (0.0, 0.02):
+        took = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            assets.encode(assets.render_chat(messages))
+            took.append(time.perf_counter() - started)
+            if gap:
+                time.sleep(gap)
+        out[f"template_and_tokenize_ms_{'idle_20ms' if gap else 'back_to_back'}"] = round(
+            statistics.median(took[calls // 4 :]) * 1000, 3
+        )
+    return out
+
+
 async def _measure(mesh: Any, built: Any, duration: float) -> dict[str, Any]:
     level = Level("closed", concurrency=1, duration=duration, warmup=2.0)
     figures: dict[str, Any] = {}
@@ -102,6 +126,7 @@ async def _measure(mesh: Any, built: Any, duration: float) -> dict[str, Any]:
             "client_gateway": round(p50["mesh_ttft"] - p50["gateway_ttft"], 3),
             "infer_and_text": round(p50["gateway_ttft"] - p50["gateway_queue"] - p50["direct_ttft"], 3),
         },
+        "requests": {"direct": direct["completed"], "mesh": through["completed"]},
         "errors": {"direct": direct["errors"], "mesh": through["errors"]},
         # Only where preprocess is a process of its own.
         "rpc_latency": await _rpc_latency(mesh.address("preprocess")) if "preprocess" in mesh.services else None,
@@ -111,7 +136,9 @@ async def _measure(mesh: Any, built: Any, duration: float) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import uvloop
 
-    built = build(WORKLOADS[args.workload], "instrument")
+    # Short answers: the first token is what is measured, and more requests fit in the window.
+    workload = dataclasses.replace(WORKLOADS[args.workload], max_tokens=args.max_tokens)
+    built = build(workload, "instrument")
     log_dir = RESULTS / "tmp" / "logs" / f"first-token-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
     for index, (layout, in_gateway) in enumerate(LAYOUTS.items()):
@@ -132,16 +159,20 @@ def run(args: argparse.Namespace) -> int:
                 f"gateway queue {split['gateway_queue']:.2f} + client↔gateway {split['client_gateway']:.2f} + "
                 f"infer and text {split['infer_and_text']:.2f}   | {row['rpc_latency']}"
             )
+    cold = _cold_cpu()
+    print(f"the same CPU work, back to back and after 20 ms idle: {cold}")
     out = {
         "command": " ".join(["python -m loadtest", *sys.argv[1:]]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": {
             "workload": args.workload,
+            "max_tokens": args.max_tokens,
             "ttft_ms": args.ttft_ms,
             "itl_ms": args.itl_ms,
             "duration_s": args.duration,
         },
         "rows": rows,
+        "cold_cpu": cold,
     }
     path = args.out or RESULTS / "first_token.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
@@ -153,6 +184,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("first-token", help="split the mesh's added TTFT at concurrency 1 (layouts × PII on/off)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per target and mesh")
     p.add_argument("--workload", default="chat-256")
+    p.add_argument("--max-tokens", type=int, default=16, help="output tokens per request")
     p.add_argument("--ttft-ms", type=float, default=20.0)
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--out", type=Path)
