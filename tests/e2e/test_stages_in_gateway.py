@@ -128,3 +128,22 @@ def test_a_blocked_prompt_is_answered_without_generating(colocated: Stub, mesh: 
     assert (text, ids) == ("", [])
     assert (final.finish_reason, final.filter_category) == (generation_pb2.FINISH_REASON_CONTENT_FILTER, "profanity")
     assert settled_counters(mesh) == before
+
+
+def test_barge_in_stops_the_model_and_acknowledges_what_was_delivered(colocated: Stub, mesh: Mesh) -> None:
+    """Converse's interrupt cancels the step that is reading the in-process postprocess call mid-read."""
+    from .test_voice import _converse
+
+    before = settled_counters(mesh)
+    received, last = _converse(
+        colocated, request("Write a long story about a dragon.", temperature=0.0, max_tokens=398), interrupt_after=5
+    )
+    assert last.HasField("interrupted"), last
+    assert last.interrupted.delivered_text == "".join(received) and len(received) >= 5
+    deadline = time.monotonic() + 5
+    while model_counters(mesh)["cancelled"] < before["cancelled"] + 1:
+        assert time.monotonic() < deadline, "the model saw no cancel"
+        time.sleep(0.05)
+    # The gateway is still healthy and answers the next request.
+    text, _, final = collect(colocated, request("What is the capital of France?", temperature=0.0, max_tokens=19))
+    assert "Paris" in text and final.finish_reason == generation_pb2.FINISH_REASON_STOP
