@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Self
+from collections.abc import Awaitable, Callable
+from typing import Any, Self
 
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,6 +12,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.logging import get_logger
+from llmmesh.common.safety import TritonClassifier
 from llmmesh.common.server import Service, build_server, channel
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.gateway.admission import AdmissionController, AdmissionLimits
@@ -97,25 +99,32 @@ def _auth_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterce
 
 async def create_server(settings: GatewaySettings) -> Service:
     channels: dict[str, grpc.aio.Channel] = {"infer": channel(settings.infer_url, settings)}
-    closers = []
-    preprocess: PreprocessStub
-    if settings.preprocess_url == INPROCESS:
-        pre_servicer, pre_classifier = build_preprocess(PreprocessSettings())
-        preprocess = LocalPreprocessStub(pre_servicer)
-        if pre_classifier is not None:
-            closers.append(pre_classifier.close)
-    else:
-        channels["preprocess"] = channel(settings.preprocess_url, settings)
-        preprocess = preprocess_pb2_grpc.PreprocessServiceStub(channels["preprocess"])
-    postprocess: PostprocessStub
-    if settings.postprocess_url == INPROCESS:
-        post_servicer, post_classifier = build_postprocess(PostprocessSettings())
-        postprocess = LocalPostprocessStub(post_servicer)
-        if post_classifier is not None:
-            closers.append(post_classifier.close)
-    else:
-        channels["postprocess"] = channel(settings.postprocess_url, settings)
-        postprocess = postprocess_pb2_grpc.PostprocessServiceStub(channels["postprocess"])
+    closers: list[Callable[[], Awaitable[None]]] = []
+
+    def stage(name: str, url: str, build_local: Callable[[], tuple[Any, Any]], remote: Callable[[Any], Any]) -> Any:
+        """The stage's stub: its servicer in this process when `url` is "inprocess", else a gRPC stub."""
+        if url == INPROCESS:
+            local, classifier = build_local()
+            if classifier is not None:
+                closers.append(classifier.close)
+            return local
+        channels[name] = channel(url, settings)
+        return remote(channels[name])
+
+    def local_preprocess() -> tuple[LocalPreprocessStub, TritonClassifier | None]:
+        servicer, classifier = build_preprocess(PreprocessSettings())
+        return LocalPreprocessStub(servicer), classifier
+
+    def local_postprocess() -> tuple[LocalPostprocessStub, TritonClassifier | None]:
+        servicer, classifier = build_postprocess(PostprocessSettings())
+        return LocalPostprocessStub(servicer), classifier
+
+    preprocess: PreprocessStub = stage(
+        "preprocess", settings.preprocess_url, local_preprocess, preprocess_pb2_grpc.PreprocessServiceStub
+    )
+    postprocess: PostprocessStub = stage(
+        "postprocess", settings.postprocess_url, local_postprocess, postprocess_pb2_grpc.PostprocessServiceStub
+    )
     log.info(
         "stages",
         preprocess=settings.preprocess_url,

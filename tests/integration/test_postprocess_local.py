@@ -16,13 +16,14 @@ import grpc
 import grpc.aio
 import pytest
 
-from llmmesh.common.errors import StatusInterceptor
 from llmmesh.common.model_assets import ModelAssets
 from llmmesh.postprocess.local import LocalPostprocessStub
 from llmmesh.postprocess.server import PostprocessSettings, build_servicer
 from llmmesh.postprocess.servicer import PostprocessServicer
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
+
+from .loopback import loopback_channel
 
 P = postprocess_pb2
 Outcome = tuple[list[tuple[str, tuple[int, ...], bool]], tuple[Any, ...] | None, str]
@@ -37,15 +38,10 @@ def servicer() -> PostprocessServicer:
 
 @pytest.fixture
 async def grpc_stub(servicer: PostprocessServicer) -> AsyncIterator[postprocess_pb2_grpc.PostprocessServiceStub]:
-    server = grpc.aio.server(interceptors=[StatusInterceptor()])
-    postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield postprocess_pb2_grpc.PostprocessServiceStub(channel)
-    finally:
-        await server.stop(None)
+    async with loopback_channel(
+        lambda server: postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(servicer, server)
+    ) as ch:
+        yield postprocess_pb2_grpc.PostprocessServiceStub(ch)
 
 
 def start(stop: Sequence[str] = (), chunking: int = generation_pb2.CHUNKING_MODE_TOKEN, model: str = "") -> Any:

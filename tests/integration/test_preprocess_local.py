@@ -14,12 +14,13 @@ import grpc
 import grpc.aio
 import pytest
 
-from llmmesh.common.errors import StatusInterceptor
 from llmmesh.preprocess.local import LocalPreprocessStub
 from llmmesh.preprocess.server import PreprocessSettings, build_servicer
 from llmmesh.preprocess.servicer import PreprocessServicer
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
+
+from .loopback import loopback_channel
 
 G = generation_pb2
 
@@ -33,15 +34,10 @@ def servicer() -> PreprocessServicer:
 
 @pytest.fixture
 async def grpc_stub(servicer: PreprocessServicer) -> AsyncIterator[preprocess_pb2_grpc.PreprocessServiceStub]:
-    server = grpc.aio.server(interceptors=[StatusInterceptor()])
-    preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield preprocess_pb2_grpc.PreprocessServiceStub(channel)
-    finally:
-        await server.stop(None)
+    async with loopback_channel(
+        lambda server: preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(servicer, server)
+    ) as ch:
+        yield preprocess_pb2_grpc.PreprocessServiceStub(ch)
 
 
 def sampling(**fields: object) -> G.SamplingParams:
