@@ -50,19 +50,37 @@ class Client(Protocol):
     async def close(self) -> None: ...
 
 
-class DirectClient:
+class _StreamClient:
+    """What the three clients share: a channel, the running totals, and counting a response's tokens."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._timeout = timeout
+        self.tokens_received = 0
+        self.messages_received = 0
+
+    def _received(self, record: RequestRecord, n: int) -> None:
+        """A response carrying `n` > 0 tokens arrived now."""
+        if record.first_token is None:
+            record.first_token = perf_counter()
+        record.output_tokens += n
+        self.tokens_received += n
+        self.messages_received += 1
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class DirectClient(_StreamClient):
     """Triton's ModelStreamInfer, one call per request (so a cancel is per request, as infer does)."""
 
     name = "direct"
 
     def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 60.0) -> None:
-        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        super().__init__(url, timeout)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._requests = workload.direct_requests
         self._expected = workload.expected_bytes
-        self._timeout = timeout
-        self.tokens_received = 0
-        self.messages_received = 0
 
     async def run(self, index: int, record: RequestRecord) -> None:
         request = self._requests[index % len(self._requests)]
@@ -80,12 +98,7 @@ class DirectClient:
                         raw = result.raw_output_contents[i]
                         n = len(raw) // 4
                         if n:
-                            now = perf_counter()
-                            if record.first_token is None:
-                                record.first_token = now
-                            record.output_tokens += n
-                            self.tokens_received += n
-                            self.messages_received += 1
+                            self._received(record, n)
                             parts.append(raw)
                         break
                 if result.parameters["triton_final_response"].bool_param:
@@ -104,23 +117,17 @@ class DirectClient:
             elif self._expected is not None and b"".join(parts) != self._expected:
                 record.error = "WRONG_OUTPUT"
 
-    async def close(self) -> None:
-        await self._channel.close()
 
-
-class MeshClient:
+class MeshClient(_StreamClient):
     """The gateway's public API: chunks (text + token ids), then one final message."""
 
     name = "mesh"
 
     def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 60.0) -> None:
-        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        super().__init__(url, timeout)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._requests = workload.mesh_requests
         self._expected = list(workload.expected_ids) if workload.expected_ids is not None else None
-        self._timeout = timeout
-        self.tokens_received = 0
-        self.messages_received = 0
 
     async def run(self, index: int, record: RequestRecord) -> None:
         request = self._requests[index % len(self._requests)]
@@ -131,13 +138,8 @@ class MeshClient:
             async for response in call:
                 if response.HasField("chunk"):
                     chunk_ids = response.chunk.token_ids
-                    n = len(chunk_ids)
-                    if n:
-                        if record.first_token is None:
-                            record.first_token = perf_counter()
-                        record.output_tokens += n
-                        self.tokens_received += n
-                        self.messages_received += 1
+                    if chunk_ids:
+                        self._received(record, len(chunk_ids))
                         ids.extend(chunk_ids)
                 else:
                     record.end = perf_counter()
@@ -154,23 +156,17 @@ class MeshClient:
         ):
             record.error = "WRONG_OUTPUT"
 
-    async def close(self) -> None:
-        await self._channel.close()
 
-
-class InferStageClient:
+class InferStageClient(_StreamClient):
     """The infer stage alone (`InferService.Generate`), with the request the gateway would send it."""
 
     name = "infer"
 
     def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 60.0) -> None:
-        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        super().__init__(url, timeout)
         self._stub = infer_pb2_grpc.InferServiceStub(self._channel)
         self._requests = workload.infer_requests
         self._expected = list(workload.expected_ids) if workload.expected_ids is not None else None
-        self._timeout = timeout
-        self.tokens_received = 0
-        self.messages_received = 0
 
     async def run(self, index: int, record: RequestRecord) -> None:
         request = self._requests[index % len(self._requests)]
@@ -179,13 +175,8 @@ class InferStageClient:
         finished = False
         try:
             async for response in call:
-                n = len(response.token_ids)
-                if n:
-                    if record.first_token is None:
-                        record.first_token = perf_counter()
-                    record.output_tokens += n
-                    self.tokens_received += n
-                    self.messages_received += 1
+                if response.token_ids:
+                    self._received(record, len(response.token_ids))
                     ids.extend(response.token_ids)
                 if response.finish_reason:
                     record.end = perf_counter()
@@ -197,6 +188,3 @@ class InferStageClient:
             record.error = "INCOMPLETE"
         elif self._expected is not None and ids != self._expected:
             record.error = "WRONG_OUTPUT"
-
-    async def close(self) -> None:
-        await self._channel.close()

@@ -33,6 +33,7 @@ __all__ = [
     "Unavailable",
     "as_rpc_error",
     "retry_status",
+    "rpc_error",
     "status_of",
 ]
 
@@ -87,6 +88,11 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """The error a grpc.aio call raises for a status (no metadata): for a stage called in process."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
 def as_rpc_error(exc: Exception, method: str) -> grpc.aio.AioRpcError:
     """What a gRPC caller would have got for `exc` raised by a servicer: for a stage called in process
     (llmmesh.preprocess.local, llmmesh.postprocess.local). The unexpected is logged and becomes INTERNAL."""
@@ -96,7 +102,7 @@ def as_rpc_error(exc: Exception, method: str) -> grpc.aio.AioRpcError:
     if mapped is None:
         log.error("unexpected_error", method=method, code="INTERNAL", exc_info=exc)
         mapped = (grpc.StatusCode.INTERNAL, "internal error")
-    return grpc.aio.AioRpcError(mapped[0], grpc.aio.Metadata(), grpc.aio.Metadata(), details=mapped[1])
+    return rpc_error(*mapped)
 
 
 class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):

@@ -25,7 +25,7 @@ from typing import Any, cast
 import grpc
 import grpc.aio
 
-from llmmesh.common.errors import as_rpc_error
+from llmmesh.common.errors import as_rpc_error, rpc_error
 from llmmesh.postprocess.servicer import PostprocessServicer
 from llmmesh.stages.v1 import postprocess_pb2
 
@@ -91,7 +91,7 @@ class LocalProcessCall(grpc.aio.StreamStreamCall):
 
     def _error(self) -> grpc.aio.AioRpcError:
         assert self._code is not None
-        return grpc.aio.AioRpcError(self._code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=self._details)
+        return rpc_error(self._code, self._details)
 
     # -- reading -------------------------------------------------------------------------------------
 

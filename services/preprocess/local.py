@@ -14,7 +14,7 @@ from typing import cast
 
 import grpc.aio
 
-from llmmesh.common.errors import as_rpc_error
+from llmmesh.common.errors import as_rpc_error, rpc_error
 from llmmesh.preprocess.servicer import PreprocessServicer
 from llmmesh.stages.v1 import preprocess_pb2
 
@@ -38,8 +38,6 @@ class LocalPreprocessStub:
             async with asyncio.timeout(timeout):
                 return await self._servicer.Prepare(request, cast(grpc.aio.ServicerContext, None))
         except TimeoutError:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), details="Deadline Exceeded"
-            ) from None
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except Exception as exc:
             raise as_rpc_error(exc, _METHOD) from None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -85,10 +86,18 @@ def model_counters(mesh: Mesh) -> dict[str, float]:
     return out
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Polls `predicate` every 50 ms until it holds or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
 def settled_counters(mesh: Mesh, quiet: float = 0.4, timeout: float = 10.0) -> dict[str, float]:
     """The model's counters once no earlier request is still running (unchanged for `quiet` seconds)."""
-    import time
-
     deadline = time.monotonic() + timeout
     last = model_counters(mesh)
     while time.monotonic() < deadline:

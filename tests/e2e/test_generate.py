@@ -12,7 +12,7 @@ from llmmesh.common.model_assets import ModelAssets
 from llmmesh.launcher import SERVICES, Mesh
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import BLOCKED_WORD, model_counters, request, settled_counters
+from .conftest import BLOCKED_WORD, model_counters, request, settled_counters, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -110,15 +110,6 @@ def test_blocklisted_word_ends_the_stream_with_content_filter(gateway: Stub) -> 
     assert BLOCKED_WORD not in text and "Ber" not in text
 
 
-def _wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_client_cancel_stops_the_generation_in_the_model(gateway: Stub, mesh: Mesh) -> None:
     """Cancelling after 5 chunks makes the Triton model stop generating for that request."""
     before = settled_counters(mesh)
@@ -131,7 +122,7 @@ def test_client_cancel_stops_the_generation_in_the_model(gateway: Stub, mesh: Me
         if received == 5:
             stream.cancel()
             break
-    assert _wait_for(lambda: model_counters(mesh)["cancelled"] == before["cancelled"] + 1), "model saw no cancel"
+    assert wait_for(lambda: model_counters(mesh)["cancelled"] == before["cancelled"] + 1), "model saw no cancel"
     generated = model_counters(mesh)["tokens"] - before["tokens"]
     time.sleep(0.5)
     assert model_counters(mesh)["tokens"] - before["tokens"] == generated, "the model kept generating"
@@ -145,7 +136,7 @@ def test_expired_deadline_ends_with_deadline_exceeded_and_cancels_the_model(gate
     with pytest.raises(grpc.RpcError) as err:
         _collect(gateway, request("Write a long story about a dragon.", temperature=0.0, max_tokens=400), timeout=1.0)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-    assert _wait_for(lambda: model_counters(mesh)["cancelled"] == before["cancelled"] + 1), "model saw no cancel"
+    assert wait_for(lambda: model_counters(mesh)["cancelled"] == before["cancelled"] + 1), "model saw no cancel"
     assert model_counters(mesh)["tokens"] - before["tokens"] < 400
 
 
