@@ -2,9 +2,10 @@
 
 Tracing is off unless an OTLP endpoint is configured: then there is no tracer provider, no grpc
 instrumentation interceptor and no propagation header, so it costs nothing. When on, OpenTelemetry's own
-grpc instrumentation makes a server span for every RPC and a client span for every outbound call (context
-travels in the grpc metadata, bidirectional streams included), sampling is parent-based with a ratio, and
-spans leave over OTLP (gRPC or HTTP/protobuf). Prompt and output text never go on spans.
+grpc instrumentation makes a server span for every RPC and a client span for every outbound call (health
+checks and readiness polls excepted; context travels in the grpc metadata, bidirectional streams
+included), sampling is parent-based with a ratio, and spans leave over OTLP (gRPC or HTTP/protobuf).
+Prompt and output text never go on spans.
 
 Metrics are Prometheus, served over HTTP on the service's metrics port when one is set.
 """
@@ -84,12 +85,30 @@ def tracing_enabled() -> bool:
     return _provider is not None
 
 
+def _traced() -> Any:
+    """Which calls get spans: all but health checks, Triton readiness polls and reflection.
+
+    Probes and the services' own watchers make those every few seconds; traced, they would bury the
+    requests' traces in one-span traces (hundreds a minute on a mesh at rest).
+    """
+    from opentelemetry.instrumentation.grpc import filters
+
+    return filters.negate(
+        filters.any_of(
+            filters.health_check(),
+            filters.service_prefix("grpc.reflection."),
+            filters.full_method_name("/inference.GRPCInferenceService/ServerReady"),
+            filters.full_method_name("/inference.GRPCInferenceService/ModelReady"),
+        )
+    )
+
+
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     if not tracing_enabled():
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(tracer_provider=_provider)]
+    return [aio_server_interceptor(tracer_provider=_provider, filter_=_traced())]
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
@@ -97,7 +116,7 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors(tracer_provider=_provider))
+    return list(aio_client_interceptors(tracer_provider=_provider, filter_=_traced()))
 
 
 def set_attributes(span: trace.Span, attributes: Mapping[str, Any]) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,9 +48,36 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Otl
 
 
 @pytest.fixture(scope="module")
-def one_request(traced: tuple[Mesh, OtlpReceiver, Path]) -> tuple[str, str, generation_pb2.Final, list[Span]]:
-    """Sends one request under a client span; returns its trace id, the client span id, the final message, spans."""
+def one_request(traced: tuple[Mesh, OtlpReceiver, Path]) -> OneRequest:
+    """Sends one request under a client span: its trace id, the client span id, the final message, its spans.
+
+    Triton 2.51 now and then never reports one request's model spans (measured here: in some runs ~1 request
+    in 10, in others none in 60; its classifier spans in the same trace arrive, and nothing arrives later
+    or under another trace id). So when the model's compute span has not linked up to the gateway within
+    12 s (Triton exports every 5 s), the same check runs on a fresh request, three tries at most; the tests
+    then assert on that one complete trace.
+    """
     mesh, receiver, _ = traced
+    finals: list[generation_pb2.Final] = []
+    for attempt in range(3):
+        trace_id, client_span_id, final = _send(mesh, PROMPT if attempt == 0 else f"{PROMPT} Try {attempt}.")
+        finals.append(final)
+        spans = _wait_for_chain(receiver, trace_id, timeout=12)
+        if _model_compute(spans):
+            break
+    return OneRequest(trace_id, client_span_id, final, spans, finals)
+
+
+@dataclass
+class OneRequest:
+    trace_id: str
+    client_span_id: str
+    final: generation_pb2.Final
+    spans: list[Span]
+    finals: list[generation_pb2.Final]  # every request sent (more than one when Triton lost a trace)
+
+
+def _send(mesh: Mesh, prompt: str) -> tuple[str, str, generation_pb2.Final]:
     client = TracerProvider().get_tracer("test-client")
     with client.start_as_current_span("client") as span:
         carrier: dict[str, str] = {}
@@ -56,25 +86,33 @@ def one_request(traced: tuple[Mesh, OtlpReceiver, Path]) -> tuple[str, str, gene
     with grpc.insecure_channel(mesh.address("gateway")) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         req = generation_pb2.GenerateRequest(
-            prompt=PROMPT, sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=24)
+            prompt=prompt, sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=24)
         )
         responses = stub.Generate(req, metadata=tuple(carrier.items()), timeout=60)
         final = next(r.final for r in responses if r.HasField("final"))
-    trace_id = format(ctx.trace_id, "032x")
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"), final
+
+
+def _wait_for_chain(receiver: OtlpReceiver, trace_id: str, timeout: float) -> list[Span]:
+    """The trace's spans once every service reported and the model's compute span links up to the gateway."""
     wanted = {"llmmesh-gateway", "llmmesh-preprocess", "llmmesh-infer", "llmmesh-postprocess", "triton"}
-    deadline = time.monotonic() + 20
-    spans: list[Span] = []
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while True:
         spans = [s for s in receiver.snapshot() if s.trace_id == trace_id]
         index = _by_id(spans)
-        generation = [s for s in spans if s.name == "compute" and index.get(s.parent_id, s).name == "smollm2"]
-        # Complete once the model's compute span links all the way up to the gateway's span.
         if wanted <= {s.service for s in spans} and any(
-            any(a.service == "llmmesh-gateway" for a in _ancestors(c, index)) for c in generation
+            any(a.service == "llmmesh-gateway" for a in _ancestors(c, index)) for c in _model_compute(spans)
         ):
-            break
+            return spans
+        if time.monotonic() > deadline:
+            return spans
         time.sleep(0.2)
-    return trace_id, format(ctx.span_id, "016x"), final, spans
+
+
+def _model_compute(spans: list[Span]) -> list[Span]:
+    """The LLM's compute spans (the safety classifier's Triton requests have compute spans too)."""
+    index = _by_id(spans)
+    return [s for s in spans if s.name == "compute" and s.parent_id in index and index[s.parent_id].name == "smollm2"]
 
 
 def _by_id(spans: list[Span]) -> dict[str, Span]:
@@ -96,25 +134,26 @@ def _one(spans: list[Span], service: str, name_part: str) -> Span:
 
 
 def test_one_trace_spans_all_four_services_and_triton(
-    one_request: tuple[str, str, generation_pb2.Final, list[Span]],
+    one_request: OneRequest,
 ) -> None:
     """Spans of gateway, preprocess, infer, postprocess and Triton all carry the client's trace id."""
-    _, _, _, spans = one_request
+    spans = one_request.spans
     assert {"llmmesh-gateway", "llmmesh-preprocess", "llmmesh-infer", "llmmesh-postprocess", "triton"} <= {
         s.service for s in spans
     }, sorted({(s.service, s.name) for s in spans})
 
 
 def test_parent_chain_runs_from_client_to_triton_compute(
-    one_request: tuple[str, str, generation_pb2.Final, list[Span]],
+    one_request: OneRequest,
 ) -> None:
     """compute ⊂ model ⊂ InferRequest (Triton) ⊂ infer ⊂ gateway ⊂ client; stage spans sit under the gateway span."""
-    _, client_span_id, _, spans = one_request
+    client_span_id, spans = one_request.client_span_id, one_request.spans
     index = _by_id(spans)
     gateway = _one(spans, "llmmesh-gateway", "GenerationService/Generate")
     assert gateway.parent_id == client_span_id
-    # The model's compute span (the safety classifier's Triton requests have compute spans too).
-    compute = next(s for s in spans if s.name == "compute" and index[s.parent_id].name == "smollm2")
+    computes = _model_compute(spans)
+    assert computes, f"Triton never reported the model's spans: {sorted((s.service, s.name) for s in spans)}"
+    compute = computes[0]
     chain = _ancestors(compute, index)
     names = [(s.service, s.name) for s in chain]
     infer_request = next(s for s in chain if s.service == "triton" and s.name == "InferRequest")
@@ -131,9 +170,9 @@ def test_parent_chain_runs_from_client_to_triton_compute(
         assert gateway in _ancestors(_one(spans, service, name), index), f"{name} not under the gateway span"
 
 
-def test_gateway_span_carries_genai_attributes(one_request: tuple[str, str, generation_pb2.Final, list[Span]]) -> None:
+def test_gateway_span_carries_genai_attributes(one_request: OneRequest) -> None:
     """The gateway span has the GenAI semantic-convention attributes of the request and a first-token event."""
-    _, _, final, spans = one_request
+    final, spans = one_request.final, one_request.spans
     gateway = _one(spans, "llmmesh-gateway", "GenerationService/Generate")
     attrs = gateway.attributes
     assert attrs["gen_ai.request.model"] == "smollm2"
@@ -145,10 +184,10 @@ def test_gateway_span_carries_genai_attributes(one_request: tuple[str, str, gene
 
 
 def test_no_span_and_no_log_line_contains_the_prompt(
-    one_request: tuple[str, str, generation_pb2.Final, list[Span]], traced: tuple[Mesh, OtlpReceiver, Path]
+    one_request: OneRequest, traced: tuple[Mesh, OtlpReceiver, Path]
 ) -> None:
     """The prompt's text appears in no span attribute, event and no service log."""
-    _, _, _, spans = one_request
+    spans = one_request.spans
     for span in spans:
         assert SECRET not in repr(span.attributes) and SECRET not in repr(span.events), span
     _, _, log_dir = traced
@@ -156,6 +195,21 @@ def test_no_span_and_no_log_line_contains_the_prompt(
         assert SECRET not in (log_dir / f"{name}.log").read_text()
     completed = [line for line in (log_dir / "gateway.log").read_text().splitlines() if "request_completed" in line]
     assert completed and '"trace_id"' in completed[-1] and '"completion_tokens"' in completed[-1]
+
+
+def test_health_checks_and_readiness_polls_make_no_spans(
+    one_request: OneRequest, traced: tuple[Mesh, OtlpReceiver, Path]
+) -> None:
+    """The gateway polls its stages' health and infer polls Triton's readiness every few seconds: no spans."""
+    mesh, receiver, _ = traced
+    with grpc.insecure_channel(mesh.address("gateway")) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    time.sleep(1)  # the services export every 200 ms
+    names = {(s.service, s.name) for s in receiver.snapshot()}
+    assert one_request.spans and not {
+        n for n in names if "grpc.health" in n[1] or n[1].endswith(("/ServerReady", "/ModelReady"))
+    }, sorted(names)
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -168,18 +222,20 @@ def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_metrics_endpoints_count_the_request(
-    one_request: tuple[str, str, generation_pb2.Final, list[Span]], traced: tuple[Mesh, OtlpReceiver, Path]
-) -> None:
-    """After one request each service's /metrics counts it once, with token counts equal to the final usage."""
+def test_metrics_endpoints_count_the_request(one_request: OneRequest, traced: tuple[Mesh, OtlpReceiver, Path]) -> None:
+    """After the request(s) each service's /metrics counts each once, with token counts equal to the final usage."""
     mesh, _, _ = traced
-    _, _, final, _ = one_request
-    reason = generation_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+    finals = one_request.finals
+    sent = len(finals)
+    reasons = Counter(
+        generation_pb2.FinishReason.Name(f.finish_reason).removeprefix("FINISH_REASON_").lower() for f in finals
+    )
     gw = _metrics(mesh.ports.metrics_url("gateway"))
     model = (("model", "smollm2"),)
-    assert gw[("llmmesh_requests_total", (("finish_reason", reason), ("model", "smollm2")))] == 1
-    assert gw[("llmmesh_prompt_tokens_total", model)] == final.usage.prompt_tokens
-    assert gw[("llmmesh_completion_tokens_total", model)] == final.usage.completion_tokens
+    for reason, count in reasons.items():
+        assert gw[("llmmesh_requests_total", (("finish_reason", reason), ("model", "smollm2")))] == count
+    assert gw[("llmmesh_prompt_tokens_total", model)] == sum(f.usage.prompt_tokens for f in finals)
+    assert gw[("llmmesh_completion_tokens_total", model)] == sum(f.usage.completion_tokens for f in finals)
     for hist in (
         "time_to_first_token",
         "time_to_first_speakable_chunk",
@@ -187,9 +243,10 @@ def test_metrics_endpoints_count_the_request(
         "queue_time",
         "request_duration",
     ):
-        assert gw[(f"llmmesh_{hist}_seconds_count", model)] == 1, hist
+        assert gw[(f"llmmesh_{hist}_seconds_count", model)] == sent, hist
     assert (
-        gw[("llmmesh_rpc_requests_total", (("code", "OK"), ("method", "/llmmesh.v1.GenerationService/Generate")))] == 1
+        gw[("llmmesh_rpc_requests_total", (("code", "OK"), ("method", "/llmmesh.v1.GenerationService/Generate")))]
+        == sent
     )
     assert gw[("llmmesh_inflight_streams", (("method", "/llmmesh.v1.GenerationService/Generate"),))] == 0
     for service, method in (
@@ -198,4 +255,4 @@ def test_metrics_endpoints_count_the_request(
         ("postprocess", "/llmmesh.stages.v1.PostprocessService/Process"),
     ):
         stage = _metrics(mesh.ports.metrics_url(service))
-        assert stage[("llmmesh_rpc_requests_total", (("code", "OK"), ("method", method)))] == 1, service
+        assert stage[("llmmesh_rpc_requests_total", (("code", "OK"), ("method", method)))] == sent, service
