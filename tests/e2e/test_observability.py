@@ -54,12 +54,12 @@ def one_request(traced: tuple[Mesh, OtlpReceiver, Path]) -> OneRequest:
     Triton 2.51 now and then never reports one request's model spans (probe runs here: 8 of 31 requests in
     three runs, none of 75 in eight others; the same trace's classifier spans arrive, the missing ones never
     do; README, known issues). So when the model's compute span has not linked up to the gateway within
-    12 s (Triton exports every 5 s), the same check runs on a fresh request, three tries at most; the tests
-    then assert on that one complete trace.
+    12 s (Triton exports every 5 s), the same check runs on a fresh request, five tries at most (three in a
+    row failed once in the worst run); the tests then assert on that one complete trace.
     """
     mesh, receiver, _ = traced
     finals: list[generation_pb2.Final] = []
-    for attempt in range(3):
+    for attempt in range(5):
         trace_id, client_span_id, final = _send(mesh, PROMPT if attempt == 0 else f"{PROMPT} Try {attempt}.")
         finals.append(final)
         spans = _wait_for_chain(receiver, trace_id, timeout=12)
