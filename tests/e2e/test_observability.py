@@ -51,11 +51,11 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Otl
 def one_request(traced: tuple[Mesh, OtlpReceiver, Path]) -> OneRequest:
     """Sends one request under a client span: its trace id, the client span id, the final message, its spans.
 
-    Triton 2.51 now and then never reports one request's model spans (probe runs here: 8 of 31 requests in
-    three runs, none of 75 in eight others; the same trace's classifier spans arrive, the missing ones never
-    do; README, known issues). So when the model's compute span has not linked up to the gateway within
-    12 s (Triton exports every 5 s), the same check runs on a fresh request, five tries at most (three in a
-    row failed once in the worst run); the tests then assert on that one complete trace.
+    Triton 2.51 now and then does not continue the trace it is sent: that request's model spans arrive as a
+    trace of their own (probe runs here: 8 of 31 requests in three runs, none of 75 in eight others; more
+    often under CPU load; README, known issues). So when the model's compute span has not linked up to the
+    gateway within 12 s (Triton exports every 5 s), the same check runs on a fresh request, five tries at
+    most (three in a row failed once in the worst run); the tests then assert on that one complete trace.
     """
     mesh, receiver, _ = traced
     finals: list[generation_pb2.Final] = []
