@@ -170,6 +170,12 @@ def test_parent_chain_runs_from_client_to_triton_compute(
         assert gateway in _ancestors(_one(spans, service, name), index), f"{name} not under the gateway span"
 
 
+def test_triton_model_span_names_the_request_id(one_request: OneRequest) -> None:
+    """Triton's model span carries the request's id (the key to find it when Triton started a trace of its own)."""
+    (model,) = [s for s in one_request.spans if s.service == "triton" and s.name == "smollm2"]
+    assert one_request.final.request_id and model.attributes["triton.request_id"] == one_request.final.request_id
+
+
 def test_gateway_span_carries_genai_attributes(one_request: OneRequest) -> None:
     """The gateway span has the GenAI semantic-convention attributes of the request and a first-token event."""
     final, spans = one_request.final, one_request.spans
