@@ -115,6 +115,22 @@ async def test_a_late_joiner_gets_everything_generated_so_far_then_the_tail() ->
     assert backend.started == 1
 
 
+async def test_a_lagging_reader_gets_what_it_missed_in_pieces_and_a_prompt_one_waits_for_nothing() -> None:
+    """Coalescing happens only when the reader lags (at most batch_tokens ids per message), never by waiting."""
+    backend = ScriptedBackend()
+    h = hub(backend)
+    sub = await subscribe(h, gen("slow"))
+    pieces: list[list[int]] = []
+    async with contextlib.aclosing(sub.__aiter__()) as stream:
+        pieces.append(await anext(stream))  # read as soon as it exists: the first id alone
+        while not backend.completed:  # noqa: ASYNC110 - this reader is busy while the model goes on
+            await asyncio.sleep(0.001)
+        pieces += [ids async for ids in stream]
+    assert pieces[0] == TOKENS[:1]
+    assert [len(p) for p in pieces[1:]] == [16, 16, 7]  # the 39 it missed: full pieces, then the rest
+    assert [i for p in pieces for i in p] == TOKENS
+
+
 async def test_the_leaders_cancel_does_not_end_the_followers() -> None:
     backend = ScriptedBackend()
     h = hub(backend)
