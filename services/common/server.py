@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 import uvloop
+from google.protobuf.internal import api_implementation
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -169,7 +170,14 @@ async def _serve(name: str, settings: ServiceSettings, create: Callable[[], Awai
     try:
         service = await create()
         await service.start()
-        log.info("serving", address=f"{settings.host}:{service.port}", metrics_port=settings.metrics_port)
+        # Protobuf's C (upb) backend parses and builds every per-token message; the pure-Python fallback
+        # (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python, or a wheel without it) is many times slower.
+        backend = api_implementation.Type()
+        log.info(
+            "serving", address=f"{settings.host}:{service.port}", metrics_port=settings.metrics_port, protobuf=backend
+        )
+        if backend != "upb":
+            log.warning("slow_protobuf_backend", protobuf=backend, expected="upb")
         await stop.wait()
         await service.drain(settings.grace_seconds)
     finally:

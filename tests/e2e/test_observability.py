@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from collections import Counter
@@ -216,6 +217,14 @@ def test_health_checks_and_readiness_polls_make_no_spans(
     assert one_request.spans and not {
         n for n in names if "grpc.health" in n[1] or n[1].endswith(("/ServerReady", "/ModelReady"))
     }, sorted(names)
+
+
+def test_every_service_runs_protobuf_on_its_upb_backend(traced: tuple[Mesh, OtlpReceiver, Path]) -> None:
+    """Each service logs the protobuf backend it serves with: upb (C), not the slow pure-Python fallback."""
+    _, _, log_dir = traced
+    for name in SERVICES:
+        lines = [json.loads(line) for line in (log_dir / f"{name}.log").read_text().splitlines() if '"serving"' in line]
+        assert [line.get("protobuf") for line in lines if line.get("event") == "serving"] == ["upb"], name
 
 
 def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
