@@ -32,13 +32,18 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     try:
         yield m
     finally:
-        triton_pid = m.triton.pid if m.triton else None
-        codes = m.stop()
-        assert all(codes[name] == 0 for name in SERVICES), f"unclean exits: {codes}"
-        # Triton may exit 1 after its exit timeout (a known 2.51 unload hang, see TritonServer.stop);
-        # what matters is that nothing of it is left behind.
-        assert triton_pid is not None and not process_group_alive(triton_pid)
-        assert not orphaned_shm()
+        stop_cleanly(m)
+
+
+def stop_cleanly(mesh: Mesh) -> None:
+    """Stops the mesh; every service exits 0 and nothing of Triton is left behind."""
+    triton_pid = mesh.triton.pid if mesh.triton else None
+    codes = mesh.stop()
+    assert all(codes[name] == 0 for name in SERVICES), f"unclean exits: {codes}"
+    # Triton may exit 1 after its exit timeout (a known 2.51 unload hang, see TritonServer.stop);
+    # what matters is that nothing of it is left behind.
+    assert triton_pid is not None and not process_group_alive(triton_pid)
+    assert not orphaned_shm()
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +112,16 @@ def settled_counters(mesh: Mesh, quiet: float = 0.4, timeout: float = 10.0) -> d
             return now
         last = now
     return last
+
+
+def read_then_cancel(stub: generation_pb2_grpc.GenerationServiceStub, max_tokens: int, chunks: int = 5) -> None:
+    """Starts a long greedy story, reads `chunks` chunks, then cancels the call from the client side."""
+    stream = stub.Generate(
+        request("Write a long story about a dragon.", temperature=0.0, max_tokens=max_tokens), timeout=120
+    )
+    received = 0
+    for response in stream:
+        received += response.HasField("chunk")
+        if received == chunks:
+            stream.cancel()
+            break

@@ -12,7 +12,7 @@ from llmmesh.common.model_assets import ModelAssets
 from llmmesh.launcher import SERVICES, Mesh
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import BLOCKED_WORD, model_counters, request, settled_counters, wait_for
+from .conftest import BLOCKED_WORD, model_counters, read_then_cancel, request, settled_counters, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -113,15 +113,7 @@ def test_blocklisted_word_ends_the_stream_with_content_filter(gateway: Stub) -> 
 def test_client_cancel_stops_the_generation_in_the_model(gateway: Stub, mesh: Mesh) -> None:
     """Cancelling after 5 chunks makes the Triton model stop generating for that request."""
     before = settled_counters(mesh)
-    stream = gateway.Generate(
-        request("Write a long story about a dragon.", temperature=0.0, max_tokens=400), timeout=120
-    )
-    received = 0
-    for response in stream:
-        received += response.HasField("chunk")
-        if received == 5:
-            stream.cancel()
-            break
+    read_then_cancel(gateway, max_tokens=400)
     assert wait_for(lambda: model_counters(mesh)["cancelled"] == before["cancelled"] + 1), "model saw no cancel"
     generated = model_counters(mesh)["tokens"] - before["tokens"]
     time.sleep(0.5)

@@ -32,9 +32,9 @@ from llmmesh.common.devcerts import DevCerts, issue, make_ca, write_dev_certs
 from llmmesh.common.tls import client_credentials
 from llmmesh.gateway.auth import DENIED_MESSAGE
 from llmmesh.healthcheck import check
-from llmmesh.launcher import SERVICES, Mesh, MeshPorts
+from llmmesh.launcher import Mesh, MeshPorts
 
-from .conftest import orphaned_shm, process_group_alive
+from .conftest import stop_cleanly
 
 pytestmark = pytest.mark.e2e
 
@@ -85,11 +85,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
     try:
         yield SecureMesh(mesh, certs, log_dir)
     finally:
-        triton_pid = mesh.triton.pid if mesh.triton else None
-        codes = mesh.stop()
-        assert all(codes[name] == 0 for name in SERVICES), f"unclean exits: {codes}"
-        assert triton_pid is not None and not process_group_alive(triton_pid)
-        assert not orphaned_shm()
+        stop_cleanly(mesh)
 
 
 def test_no_key_is_unauthenticated(secure: SecureMesh) -> None:

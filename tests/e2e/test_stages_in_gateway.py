@@ -18,7 +18,7 @@ import pytest
 from llmmesh.launcher import Mesh, free_port
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import BLOCKED_WORD, model_counters, request, settled_counters, wait_for
+from .conftest import BLOCKED_WORD, model_counters, read_then_cancel, request, settled_counters, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -95,15 +95,7 @@ def test_a_blocked_word_ends_the_answer_with_content_filter(colocated: Stub) -> 
 
 def test_a_client_cancel_stops_the_model(colocated: Stub, mesh: Mesh) -> None:
     before = settled_counters(mesh)
-    stream = colocated.Generate(
-        request("Write a long story about a dragon.", temperature=0.0, max_tokens=399), timeout=120
-    )
-    chunks = 0
-    for response in stream:
-        chunks += response.HasField("chunk")
-        if chunks == 5:
-            stream.cancel()
-            break
+    read_then_cancel(colocated, max_tokens=399)
     assert wait_for(lambda: model_counters(mesh)["cancelled"] >= before["cancelled"] + 1), "the model saw no cancel"
     assert model_counters(mesh)["tokens"] - before["tokens"] < 100
 
