@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+import re
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2.sandbox
@@ -45,17 +47,75 @@ class ModelAssets:
     special_token_ids: frozenset[int]
     # Raw bytes of every token id (empty for special tokens): decoding is concatenating bytes.
     token_bytes: tuple[bytes, ...]
+    # The same vocabulary with special-token parsing off: user text "<|im_start|>" is plain characters.
+    _plain: Tokenizer = field(init=False, repr=False, compare=False)
+    # Matches the special tokens' texts, longest first.
+    _special_text: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _special_id: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        special = {t: vocab[t] for t in vocab if vocab[t] in self.special_token_ids}
+        pattern = "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) or r"(?!x)x"
+        object.__setattr__(self, "_plain", plain)
+        object.__setattr__(self, "_special_text", re.compile(pattern))
+        object.__setattr__(self, "_special_id", special)
 
     @property
     def vocab_size(self) -> int:
         return len(self.token_bytes)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """Applies the model's own chat template and opens the assistant's turn."""
+        """Applies the model's own chat template and opens the assistant's turn (text only; see encode_chat)."""
         template = _compile_template(self.chat_template)
         return template.render(messages=messages, add_generation_prompt=True)
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's rendering, tokenized: only the template's own markers become special tokens.
+
+        Message contents are user data: a content that spells `<|im_start|>` is tokenized as those
+        characters, so no message can forge a turn. The template is rendered with a unique placeholder
+        for each content; special-token texts outside the placeholders are the template's markers. The
+        text between markers (template text and contents together) is encoded as plain text, exactly as
+        the tokenizer splits a string at its special tokens: for contents without marker texts the ids
+        equal `encode(render_chat(messages))`.
+        """
+        nonce = secrets.token_hex(8)
+        holders = [f"\ue000{nonce}:{i}\ue000" for i in range(len(messages))]
+        rendered = self.render_chat([{**m, "content": h} for m, h in zip(messages, holders, strict=True)])
+        slot = re.compile(f"\ue000{nonce}:(\\d+)\ue000")
+        ids: list[int] = []
+        text: list[str] = []  # plain text since the last marker
+        pos = 0
+        for found in slot.finditer(rendered):
+            self._template_part(rendered[pos : found.start()], text, ids)
+            text.append(messages[int(found.group(1))]["content"])
+            pos = found.end()
+        self._template_part(rendered[pos:], text, ids)
+        if text:
+            ids.extend(self.encode_text("".join(text)))
+        return ids
+
+    def _template_part(self, part: str, text: list[str], ids: list[int]) -> None:
+        """Appends the template's own text: its special-token texts are markers, the rest plain text."""
+        pos = 0
+        for marker in self._special_text.finditer(part):
+            text.append(part[pos : marker.start()])
+            if any(text):
+                ids.extend(self.encode_text("".join(text)))
+            text.clear()
+            ids.append(self._special_id[marker.group()])
+            pos = marker.end()
+        text.append(part[pos:])
+
+    def encode_text(self, text: str) -> list[int]:
+        """User-supplied text (a prompt, a stop string): special-token texts are plain characters."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
     def encode(self, text: str) -> list[int]:
+        """Trusted text: special-token texts become their special ids (templates, tests)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:

@@ -1,23 +1,20 @@
-"""Request identity for dedup: prompt normalisation, the request hash, and who may share a generation.
+"""Request identity for dedup: the request hash, and who may share a generation.
 
 Two requests share a generation (join it in flight, or replay its cached result) only when they would
 produce the same tokens. So the hash covers everything that decides the tokens: the model, the prompt
-ids after normalising and templating, every sampling parameter, the stop strings, and the safety policy
-version (a result checked under an older policy is never served under a newer one). It leaves out what
-only shapes the delivery (chunking mode, priority, request id): those are applied per request.
+token ids exactly as the model receives them (after the chat template), every sampling parameter, the
+stop strings, and the safety policy version (a result checked under an older policy is never served
+under a newer one). It leaves out what only shapes the delivery (chunking mode, priority, request id):
+those are applied per request.
 
-Normalisation, applied to every message before templating (so the model sees the same text as the hash):
-  - Unicode NFC: "é" typed as e + combining acute and as the precomposed letter are one request;
-  - whitespace: leading and trailing whitespace is removed; a run of whitespace inside the text becomes
-    one newline if it contains a line break, else one space ("What  is\\t2+2 ?" == "What is 2+2 ?");
-  - case is preserved: "paris" and "Paris" are different requests.
+No normalisation: the prompt is hashed as the model sees it, and the model sees what the caller wrote.
+Requests that differ only in whitespace, Unicode composition or case are different requests (the model
+may answer them differently: indentation is meaning in code, tables and poems).
 """
 
 from __future__ import annotations
 
-import re
 import struct
-import unicodedata
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -25,19 +22,7 @@ import xxhash
 if TYPE_CHECKING:
     from llmmesh.preprocess.domain import Prepared
 
-__all__ = ["normalize_text", "request_hash", "shareability"]
-
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _collapse(match: re.Match[str]) -> str:
-    run = match.group(0)
-    return "\n" if ("\n" in run or "\r" in run) else " "
-
-
-def normalize_text(text: str) -> str:
-    """NFC, trimmed, each whitespace run collapsed to one newline (if it breaks a line) or one space."""
-    return _WHITESPACE.sub(_collapse, unicodedata.normalize("NFC", text).strip())
+__all__ = ["request_hash", "shareability"]
 
 
 def _field(h: xxhash.xxh3_128, tag: bytes, value: bytes) -> None:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.model_assets import ModelAssets
-from llmmesh.preprocess.dedup import normalize_text
 
 __all__ = ["ChatTurn", "PrepareInput", "Prepared", "Preparer", "ResolvedSampling", "SamplingInput"]
 
@@ -105,10 +104,8 @@ class Preparer:
             raise InvalidArgument("model", f"unknown model {model!r}; served: {', '.join(sorted(self._models))}")
         sampling = self._resolve_sampling(req.sampling)
         stop = self._check_stop(req.sampling.stop)
-        # Normalised before templating, so the model sees what the request hash covers (see dedup.py).
-        messages = [{**m, "content": normalize_text(m["content"])} for m in self._messages(req)]
-        text = assets.render_chat(messages)
-        input_ids = assets.encode(text)
+        # The model sees exactly what the caller wrote; contents are data, never control tokens.
+        input_ids = assets.encode_chat(self._messages(req))
         total = len(input_ids) + sampling.max_tokens
         if total > assets.context_length:
             raise InvalidArgument(
@@ -124,7 +121,7 @@ class Preparer:
             pad_id=assets.pad_token_id,
             sampling=sampling,
             stop=stop,
-            stop_token_ids=tuple(tuple(assets.encode(s)) for s in stop),
+            stop_token_ids=tuple(tuple(assets.encode_text(s)) for s in stop),
         )
 
     def _check_input(self, req: PrepareInput) -> None:
