@@ -223,7 +223,6 @@ def test_prompts_that_differ_in_layout_or_case_never_share(
     for variant in (f"  Name a café   in\tParis ({tag}). ", f"NAME A CAFÉ IN PARIS ({tag})."):
         other = collect(gateway, greedy(variant, max_tokens=8))
         assert other.final is not None and other.final.reuse == REUSE.REUSE_NONE, variant
-        assert other.final.usage.prompt_tokens != first.final.usage.prompt_tokens or variant.isupper()
 
 
 # ---- shared cache: two replica sets behind one Redis ---------------------------------------------
