@@ -1,11 +1,20 @@
-"""Postprocess: settings and server assembly."""
+"""Postprocess: settings and server assembly.
+
+Health: SERVING while the current safety policy can be applied. A policy that enables the classifier needs
+Triton to serve its model; while Triton does not (model not loaded, Triton unreachable), postprocess is
+NOT_SERVING, whatever started it (`llmmesh up`, compose, Kubernetes). Checked every
+`health_interval_seconds`, so a reloaded policy or a classifier that comes back flips it again.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.logging import get_logger
 from llmmesh.common.model_assets import load_model_assets
 from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, TritonClassifier
 from llmmesh.common.server import Service, build_server
@@ -17,6 +26,8 @@ from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
 __all__ = ["PostprocessSettings", "StreamSafety", "build_servicer", "create_server"]
+
+log = get_logger(__name__)
 
 CHUNKING_FROM_PROTO = {
     generation_pb2.CHUNKING_MODE_UNSPECIFIED: ChunkingMode.TOKEN,
@@ -39,6 +50,8 @@ class PostprocessSettings(ServiceSettings):
     extra_blocked_terms: list[str] = Field(default_factory=list)
     # Triton's gRPC address for the policy's classifier; empty = the classifier layer is off.
     triton_url: str = ""
+    # How often the classifier's readiness is checked for the health status (with `triton_url`).
+    health_interval_seconds: float = Field(default=1.0, gt=0)
 
 
 class StreamSafety:
@@ -55,6 +68,11 @@ class StreamSafety:
 def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None]:
     """The servicer and its classifier client (to close): served by `create_server`, or called in the
     gateway's own process (`llmmesh.postprocess.local`)."""
+    servicer, classifier, _ = _build(settings)
+    return servicer, classifier
+
+
+def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None, PolicyStore]:
     assets = load_model_assets(settings.gguf_path or None)
     policies = PolicyStore(
         settings.safety_policy_path or None,
@@ -65,7 +83,7 @@ def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, 
     )
     models = (settings.default_model, *settings.model_aliases)
 
-    def make_pipeline(start: postprocess_pb2.Start) -> TextPipeline:
+    def make_pipeline(start: postprocess_pb2.Start, deadline: float | None) -> TextPipeline:
         if start.model and start.model not in models:
             raise InvalidArgument("start.model", f"unknown model {start.model!r}")
         chunking = CHUNKING_FROM_PROTO.get(start.chunking)
@@ -74,14 +92,33 @@ def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, 
         policy = policies.current()
         use_classifier = classifier if policy.classifier.enabled else None
         return TextPipeline(
-            assets.token_bytes, list(start.stop), StreamSafety(SafetyStream(policy, use_classifier)), chunking
+            assets.token_bytes,
+            list(start.stop),
+            StreamSafety(SafetyStream(policy, use_classifier, deadline)),
+            chunking,
         )
 
-    return PostprocessServicer(make_pipeline), classifier
+    return PostprocessServicer(make_pipeline), classifier, policies
+
+
+async def _classifier_usable(policies: PolicyStore, classifier: TritonClassifier) -> bool:
+    """False while the current policy enables the classifier and Triton does not serve its model."""
+    return not policies.current().classifier.enabled or await classifier.ready()
+
+
+async def _watch(service: Service, policies: PolicyStore, classifier: TritonClassifier, interval: float) -> None:
+    serving: bool | None = None
+    while True:
+        usable = await _classifier_usable(policies, classifier)
+        if usable != serving:
+            serving = usable
+            log.info("safety_classifier_readiness", serving=usable, model=classifier.model)
+            await service.set_serving(usable)
+        await asyncio.sleep(interval)
 
 
 async def create_server(settings: PostprocessSettings) -> Service:
-    servicer, classifier = build_servicer(settings)
+    servicer, classifier, policies = _build(settings)
     name = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name
     service = build_server(
         "postprocess",
@@ -89,7 +126,13 @@ async def create_server(settings: PostprocessSettings) -> Service:
         [name],
         lambda server: postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(servicer, server),
     )
-    if classifier is not None:
-        service.closers.append(classifier.close)
-    await service.set_serving(True)
+    if classifier is None:
+        if policies.current().classifier.enabled:
+            log.warning("safety_classifier_off", reason="no triton_url: the policy's classifier layer is skipped")
+        await service.set_serving(True)
+        return service
+    service.closers.append(classifier.close)
+    # Health reads SERVING until set (grpc's default): NOT_SERVING until the first check says otherwise.
+    await service.set_serving(False)
+    service.tasks.append(asyncio.create_task(_watch(service, policies, classifier, settings.health_interval_seconds)))
     return service

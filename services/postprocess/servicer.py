@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc.aio
@@ -50,8 +51,16 @@ def _to_proto(out: Output) -> list[postprocess_pb2.ProcessResponse]:
     return messages
 
 
+def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
+    """The call's deadline on time.monotonic()'s clock (the safety classifier's calls get what remains of
+    it); None without one. No context in process (llmmesh.postprocess.local): that call ends itself."""
+    left = context.time_remaining() if context is not None else None
+    return None if left is None else time.monotonic() + left
+
+
 class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
-    def __init__(self, make_pipeline: Callable[[postprocess_pb2.Start], TextPipeline]) -> None:
+    def __init__(self, make_pipeline: Callable[[postprocess_pb2.Start, float | None], TextPipeline]) -> None:
+        # make_pipeline(start, deadline): the stream's pipeline; deadline as `_deadline` gives it.
         self._make_pipeline = make_pipeline
 
     async def Process(
@@ -69,7 +78,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
                 if pipeline is None:
                     if kind != "start":
                         raise InvalidArgument("start", "the first message must be start")
-                    pipeline = self._make_pipeline(message.start)
+                    pipeline = self._make_pipeline(message.start, _deadline(context))
                     continue
                 if kind == "tokens":
                     tokens += len(message.tokens.ids)

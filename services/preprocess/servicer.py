@@ -88,7 +88,10 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         response.shareable, response.not_shareable_reason = shareability(prepared)
         with _tracer.start_as_current_span("safety_check_prompt") as span:
             classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
-            blocked = await check_prompt(policy, _prompt_text(request.request), classifier)
+            # The classifier gets the time the request has left. No context in process
+            # (llmmesh.preprocess.local): that stub bounds the whole call with its own timeout.
+            left = context.time_remaining() if context is not None else None
+            blocked = await check_prompt(policy, _prompt_text(request.request), classifier, left)
             span.set_attribute("llmmesh.safety.blocked", blocked or "")
         if blocked:
             response.blocked_category = blocked

@@ -5,6 +5,9 @@ calls the Triton model `safety_classifier` (triton_models/safety_classifier: alt
 a Llama Guard-style model in the same slot on GPU). Each call is one ModelInfer request holding its
 texts as a batch; Triton's dynamic batcher merges the requests of many concurrent streams into one
 model execution.
+
+A call waits at most the time its caller has left (the request's deadline) and never more than the
+client's own `timeout`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ OUTPUT = "PROBABILITY"
 
 
 class Classifier(Protocol):
-    async def score(self, texts: list[str]) -> list[float]:
-        """Probability that each text is unsafe, in order."""
+    async def score(self, texts: list[str], timeout: float | None = None) -> list[float]:
+        """Probability that each text is unsafe, in order; `timeout` is the seconds the caller has left
+        (None: no deadline of its own). Raises DeadlineExceeded when that is spent, Unavailable when the
+        model cannot answer."""
         ...
 
 
@@ -58,21 +63,31 @@ class TritonClassifier:
         self._timeout = timeout
         # At most the model's max_batch_size texts in one request; longer lists go as several requests.
         self._max_batch = max_batch
-        self._channel = grpc.aio.insecure_channel(url, interceptors=client_interceptors())
+        # Reconnect within a second of Triton coming back (gRPC's default backoff grows to 120 s): the
+        # health check that follows `ready()` must see a restarted Triton soon.
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._channel = grpc.aio.insecure_channel(url, options=options, interceptors=client_interceptors())
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     @property
     def model(self) -> str:
         return self._model
 
-    async def score(self, texts: list[str]) -> list[float]:
+    async def score(self, texts: list[str], timeout: float | None = None) -> list[float]:
         if not texts:
             return []
+        limit = self._timeout if timeout is None else min(timeout, self._timeout)
+        if limit <= 0:
+            raise DeadlineExceeded(f"safety classifier {self._model}: the request's deadline has passed")
         step = self._max_batch
-        parts = await asyncio.gather(*(self._infer(texts[i : i + step]) for i in range(0, len(texts), step)))
+        parts = await asyncio.gather(*(self._infer(texts[i : i + step], limit) for i in range(0, len(texts), step)))
         return [p for part in parts for p in part]
 
-    async def _infer(self, texts: list[str]) -> list[float]:
+    async def _infer(self, texts: list[str], timeout: float) -> list[float]:
         request = service_pb2.ModelInferRequest(model_name=self._model)
         tensor = request.inputs.add()
         tensor.name = INPUT
@@ -81,10 +96,10 @@ class TritonClassifier:
         request.raw_input_contents.append(bytes_tensor(texts))
         request.outputs.add().name = OUTPUT
         try:
-            response = await self._stub.ModelInfer(request, timeout=self._timeout)
+            response = await self._stub.ModelInfer(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded(f"safety classifier {self._model}: no answer in {self._timeout} s") from exc
+                raise DeadlineExceeded(f"safety classifier {self._model}: no answer in {timeout:.3g} s") from exc
             raise Unavailable(
                 f"safety classifier {self._model} at {self._url}: {exc.code().name}: {exc.details()}"
             ) from exc

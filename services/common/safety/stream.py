@@ -13,6 +13,7 @@ ends the stream and releases nothing more. Every layer's hold is bounded by the 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from llmmesh.common.safety.blocklist import TermStream
@@ -67,11 +68,18 @@ def _needs_score(unit: str) -> bool:
 
 
 class SafetyStream:
-    """Feeds one response's text through the policy, piece by piece. Use from one task at a time."""
+    """Feeds one response's text through the policy, piece by piece. Use from one task at a time.
 
-    def __init__(self, policy: SafetyPolicy, classifier: Classifier | None = None) -> None:
+    `deadline` is the response's deadline on `time.monotonic()`'s clock (None: none): each classifier call
+    is given the time that remains until it.
+    """
+
+    def __init__(
+        self, policy: SafetyPolicy, classifier: Classifier | None = None, deadline: float | None = None
+    ) -> None:
         self.policy = policy
         self._classifier = classifier if policy.classifier.enabled else None
+        self._deadline = deadline
         self._terms: TermStream = policy.matcher.open(policy.max_hold_chars)
         self._pii: PiiStream = policy.redactor.open(policy.max_hold_chars)
         self._window = min(policy.classifier.window_chars, policy.max_hold_chars)
@@ -143,7 +151,8 @@ class SafetyStream:
         scored = [u for u in units if _needs_score(u)]
         if scored:
             assert self._classifier is not None
-            scores = await self._classifier.score(scored)
+            left = None if self._deadline is None else self._deadline - time.monotonic()
+            scores = await self._classifier.score(scored, left)
             self.units_scored += len(scored)
             if any(s >= self.policy.classifier.threshold for s in scores):
                 return None
@@ -164,8 +173,11 @@ class SafetyStream:
         self._end()
 
 
-async def check_prompt(policy: SafetyPolicy, text: str, classifier: Classifier | None = None) -> str | None:
-    """The category that blocks this prompt, or None: blocked terms, then (if enabled) the classifier."""
+async def check_prompt(
+    policy: SafetyPolicy, text: str, classifier: Classifier | None = None, timeout: float | None = None
+) -> str | None:
+    """The category that blocks this prompt, or None: blocked terms, then (if enabled) the classifier,
+    which gets `timeout` seconds at most (the request's remaining time; None: the classifier's own limit)."""
     category = policy.matcher.find(text)
     if category is not None:
         return category
@@ -173,6 +185,6 @@ async def check_prompt(policy: SafetyPolicy, text: str, classifier: Classifier |
     if classifier is None or not settings.enabled or not settings.check_prompts:
         return None
     units = [u for u in split_units(text, settings.window_chars) if _needs_score(u)]
-    if units and max(await classifier.score(units)) >= settings.threshold:
+    if units and max(await classifier.score(units, timeout)) >= settings.threshold:
         return settings.category
     return None

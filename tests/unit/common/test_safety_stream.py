@@ -3,6 +3,7 @@ classifier; the real model behind Triton is tested end to end in tests/e2e/test_
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,16 @@ classifier: {threshold: 0.8, window_chars: 40, category: toxicity}
 
 
 class ScriptedClassifier:
-    """Scores a text 1.0 if it contains a marker word, else 0.0; records every call."""
+    """Scores a text 1.0 if it contains a marker word, else 0.0; records every call and its timeout."""
 
     def __init__(self, marker: str = "nasty") -> None:
         self.marker = marker
         self.calls: list[list[str]] = []
+        self.timeouts: list[float | None] = []
 
-    async def score(self, texts: list[str]) -> list[float]:
+    async def score(self, texts: list[str], timeout: float | None = None) -> list[float]:
         self.calls.append(list(texts))
+        self.timeouts.append(timeout)
         return [1.0 if self.marker in t else 0.0 for t in texts]
 
     @property
@@ -40,7 +43,7 @@ class ScriptedClassifier:
 
 
 class BrokenClassifier:
-    async def score(self, texts: list[str]) -> list[float]:
+    async def score(self, texts: list[str], timeout: float | None = None) -> list[float]:
         raise Unavailable("classifier down")
 
 
@@ -182,6 +185,31 @@ async def test_check_prompt_uses_terms_then_the_classifier(policy: SafetyPolicy)
     assert classifier.calls == [["Hello. ", "Some nasty words. ", "Bye."]]
     assert await check_prompt(policy, "Hello. Nice words.", classifier) is None
     assert await check_prompt(policy, "Some nasty words.") is None
+
+
+async def test_the_classifier_gets_the_time_left_until_the_streams_deadline(policy: SafetyPolicy) -> None:
+    """Each classifier call's timeout is what remains of the deadline the stream was opened with, so a
+    request with 2 s left never waits on the classifier for longer; no deadline, no timeout of the caller's."""
+    classifier = ScriptedClassifier()
+    stream = SafetyStream(policy, classifier, deadline=time.monotonic() + 2.0)
+    await stream.push("One. Two")
+    await stream.push(". Three", final=True)
+    assert len(classifier.timeouts) == 2
+    first, second = classifier.timeouts
+    assert first is not None and second is not None
+    assert 1.5 < second <= first <= 2.0
+
+    classifier = ScriptedClassifier()
+    await SafetyStream(policy, classifier).push("One.", final=True)
+    assert classifier.timeouts == [None]
+
+
+async def test_check_prompt_passes_the_requests_remaining_time(policy: SafetyPolicy) -> None:
+    """check_prompt hands its timeout (the request's remaining time) to the classifier call."""
+    classifier = ScriptedClassifier()
+    await check_prompt(policy, "Hello there.", classifier, 0.75)
+    await check_prompt(policy, "Hello there.", classifier)
+    assert classifier.timeouts == [0.75, None]
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
