@@ -32,6 +32,10 @@ class RequestParams(TypedDict, total=False):
     model: str
     chunking: Chunking
     request_id: str
+    # Opt-in: makes the call idempotent for this caller (see GenerateRequest.idempotency_key).
+    idempotency_key: str
+    # Generate anew: no joining of a running identical generation, no cached replay.
+    fresh: bool
 
 
 def build_request(
@@ -68,17 +72,22 @@ def build_request(
     chunking = params.pop("chunking", None)
     if chunking is not None:
         request.chunking = Chunking(chunking).value
-    request_id = params.pop("request_id", None)
-    if request_id is not None:
-        request.request_id = str(request_id)
+    for name in ("request_id", "idempotency_key"):
+        value = params.pop(name, None)
+        if value is not None:
+            setattr(request, name, str(value))
+    fresh = params.pop("fresh", None)
+    if fresh is not None:
+        request.fresh = bool(fresh)
     if params:
         raise TypeError(f"unknown request parameters: {', '.join(sorted(params))}")
     return request
 
 
 def with_request_id(request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
-    """Gives the request an id when it has none, so that every retry of it carries the same id
-    (the mesh's logs, traces and dedup then see one request, not several)."""
+    """Gives the request an id when it has none, so that every retry of it carries the same id (the mesh's
+    logs and traces then see one request, not several). An id never makes a call idempotent: nothing is
+    stored for it unless the caller sets `idempotency_key`."""
     if not request.request_id:
         request.request_id = uuid.uuid4().hex
     return request

@@ -26,8 +26,10 @@ from llmmesh.common.metrics import INFLIGHT_STREAMS, RPCS
 
 __all__ = [
     "DeadlineExceeded",
+    "FailedPrecondition",
     "InvalidArgument",
     "LlmmeshError",
+    "ModelFailed",
     "ResourceExhausted",
     "StatusInterceptor",
     "Unavailable",
@@ -74,6 +76,19 @@ class Unavailable(LlmmeshError):
 
 class DeadlineExceeded(LlmmeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(LlmmeshError):
+    """The system is not in a state to serve the request (e.g. the model is not loaded); retrying the same
+    server does not help."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelFailed(LlmmeshError):
+    """The model answered the request with an error of its own: the request's answer, never retried."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -134,10 +149,23 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
     else:
         code, message = mapped
         log.info("request_failed", code=code.name, message=message, method=method)
-        if isinstance(exc, ResourceExhausted) and exc.retry_after is not None:
-            await context.abort_with_status(retry_status(code, message, exc.retry_after))
+        retry_after = _retry_after(exc)
+        if retry_after is not None:
+            await context.abort_with_status(retry_status(code, message, retry_after))
         else:
             await context.abort(code, message)
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """A shed request's retry hint: ours, or a stage's (its `retry-after-ms` trailer), passed on to the caller."""
+    if isinstance(exc, ResourceExhausted):
+        return exc.retry_after
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        for key, value in exc.trailing_metadata() or ():
+            if key == "retry-after-ms":
+                with contextlib.suppress(ValueError):
+                    return max(0.0, float(value if isinstance(value, str) else value.decode()) / 1000.0)
+    return None
 
 
 def _really_cancelled() -> bool:

@@ -63,15 +63,13 @@ MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(r"[\x21-\x7e]*")
 
 
-def check_request_id(request_id: str) -> None:
-    """request_id: empty (the gateway makes one up) or 1-128 printable ASCII characters, no spaces."""
+def check_request_id(request_id: str, field: str = "request_id") -> None:
+    """request_id (or idempotency_key): empty or 1-128 printable ASCII characters, no spaces."""
     if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
+        raise InvalidArgument(field, f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}")
     if not _REQUEST_ID.fullmatch(request_id):
         bad = next(c for c in request_id if not ("\x21" <= c <= "\x7e"))
-        raise InvalidArgument(
-            "request_id", f"only printable ASCII without spaces is allowed, got {bad!r} (U+{ord(bad):04X})"
-        )
+        raise InvalidArgument(field, f"only printable ASCII without spaces is allowed, got {bad!r} (U+{ord(bad):04X})")
 
 
 class Rejected(ResourceExhausted):

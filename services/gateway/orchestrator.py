@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,7 +38,11 @@ from llmmesh.stages.v1 import (
 )
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["Orchestrator", "PostprocessStub", "PreprocessStub", "Stages"]
+__all__ = ["SHARING_SCOPES", "Orchestrator", "PostprocessStub", "PreprocessStub", "Stages", "with_request_id"]
+
+# Who may share a generation (join it in flight, replay its cached result): callers with the same
+# identity only, or every caller of the mesh.
+SHARING_SCOPES = ("caller", "global")
 
 log = get_logger(__name__)
 
@@ -217,24 +221,37 @@ def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 
 
+def with_request_id(request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
+    """The request itself when it has an id, else a copy with a new one (the caller's message is not changed)."""
+    if request.request_id:
+        return request
+    named = generation_pb2.GenerateRequest()
+    named.CopyFrom(request)
+    named.request_id = uuid.uuid4().hex
+    return named
+
+
 class Orchestrator:
-    def __init__(self, stages: Stages) -> None:
+    def __init__(self, stages: Stages, sharing_scope: str = "global") -> None:
+        if sharing_scope not in SHARING_SCOPES:
+            raise ValueError(f"sharing_scope must be one of {SHARING_SCOPES}, got {sharing_scope!r}")
         self._stages = stages
+        self._sharing_scope = sharing_scope
 
     async def generate(
-        self, request: generation_pb2.GenerateRequest, timeout: float | None, arrived: float | None = None
-    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        self,
+        request: generation_pb2.GenerateRequest,
+        timeout: float | None,
+        arrived: float | None = None,
+        caller: str = "",
+    ) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
         """`arrived` (time.monotonic()) is when the gateway received the request, before admission: the
-        timings and queue time count from there."""
+        timings and queue time count from there. `caller` is the caller's identity: idempotency keys are
+        always scoped by it, and shared generations too when the sharing scope is "caller"."""
         started = time.monotonic() if arrived is None else arrived
         deadline = _Deadline(timeout)
-        request_id = request.request_id or uuid.uuid4().hex
-        client_request_id = bool(request.request_id)
-        if not client_request_id:
-            named = generation_pb2.GenerateRequest()
-            named.CopyFrom(request)
-            named.request_id = request_id
-            request = named
+        request = with_request_id(request)
+        request_id = request.request_id
 
         span = trace.get_current_span()  # the gateway's server span (grpc instrumentation), when tracing
         await self._stages.connected(deadline)
@@ -264,6 +281,8 @@ class Orchestrator:
             _record(span, final, started, time.monotonic(), None, None, time.monotonic())
             yield generation_pb2.GenerateResponse(final=final)
             return
+        # The caller's identity scopes what it may share; it travels inside the keys, never as a request id.
+        share_key = prepared.request_hash if self._sharing_scope == "global" else f"{caller}/{prepared.request_hash}"
         infer_request = infer_pb2.InferRequest(
             request_id=request_id,
             model=prepared.model,
@@ -272,10 +291,11 @@ class Orchestrator:
             pad_id=prepared.pad_id,
             sampling=prepared.sampling,
             stop_token_ids=prepared.stop_token_ids,
-            request_hash=prepared.request_hash,
+            request_hash=share_key,
             shareable=prepared.shareable,
-            client_request_id=client_request_id,
             priority=request.priority,
+            idempotency_key=f"{caller}/{request.idempotency_key}" if request.idempotency_key else "",
+            fresh=request.fresh,
         )
 
         def open_infer() -> grpc.aio.UnaryStreamCall:
@@ -338,9 +358,7 @@ class Orchestrator:
             raise state.error or Unavailable("postprocess ended the stream without a result")
         if done.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER and prepared.shareable:
             # Filtered text is never served from the result cache.
-            await _quietly(
-                self._stages.infer.Forget(infer_pb2.ForgetRequest(request_hash=prepared.request_hash), timeout=2.0)
-            )
+            await _quietly(self._stages.infer.Forget(infer_pb2.ForgetRequest(request_hash=share_key), timeout=2.0))
         if done.token_ids and done.finish_reason in (
             generation_pb2.FINISH_REASON_STOP,
             generation_pb2.FINISH_REASON_LENGTH,
@@ -348,7 +366,8 @@ class Orchestrator:
             # Ids whose text was empty (e.g. a trailing special token) still belong to the answer.
             yield generation_pb2.GenerateResponse(chunk=generation_pb2.Chunk(token_ids=done.token_ids))
         finished = time.monotonic()
-        completion = state.completion_tokens or state.tokens_seen
+        # What the answer consumed, counted by postprocess the same way on every run (Usage's doc comment).
+        completion = done.completion_tokens
         final = generation_pb2.Final(
             finish_reason=done.finish_reason,
             usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids), completion_tokens=completion),
@@ -404,14 +423,13 @@ class Orchestrator:
                     async for response in state.infer_call:
                         received = True
                         if response.token_ids:
-                            state.tokens_seen += len(response.token_ids)
                             await post.write(
                                 postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=response.token_ids))
                             )
+                        if response.reuse:
+                            state.reuse = response.reuse
                         if response.finish_reason:
                             reason = response.finish_reason
-                            state.completion_tokens = response.completion_tokens
-                            state.reuse = response.reuse
                     break
                 except grpc.aio.AioRpcError as exc:
                     # Until infer's first response nothing of this generation exists: start it once more.
@@ -493,7 +511,5 @@ def _record(
 class _PumpState:
     infer_call: grpc.aio.UnaryStreamCall
     infer_retried: bool = False
-    tokens_seen: int = 0
-    completion_tokens: int = 0
     reuse: generation_pb2.Reuse = generation_pb2.REUSE_UNSPECIFIED
     error: BaseException | None = None

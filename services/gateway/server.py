@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -63,6 +63,10 @@ class GatewaySettings(ServiceSettings):
     # Require a client certificate on the public port, signed by `public_ca_file` (empty = `tls_ca_file`).
     public_client_auth: bool = False
     public_ca_file: str = ""
+    # Who may share a generation (in-flight joining, the result cache): "caller" (the same API key's
+    # name, or the same peer host when auth is off), "global" (every caller), or "" = "caller" when API
+    # keys are configured, else "global". Idempotency keys are always scoped by caller.
+    sharing_scope: Literal["", "caller", "global"] = ""
 
     @model_validator(mode="after")
     def _public_client_auth_needs_tls(self) -> Self:
@@ -144,14 +148,17 @@ async def create_server(settings: GatewaySettings) -> Service:
         )
     )
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+    interceptors = _auth_interceptors(settings)
+    scope = settings.sharing_scope or ("caller" if interceptors else "global")
+    log.info("sharing_scope", scope=scope)
     service = build_server(
         "gateway",
         settings,
         [name],
         lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GatewayServicer(Orchestrator(stages), admission), server
+            GatewayServicer(Orchestrator(stages, scope), admission), server
         ),
-        interceptors=_auth_interceptors(settings),
+        interceptors=interceptors,
         require_client_auth=settings.public_client_auth,
         client_ca_file=settings.public_ca_file,
     )

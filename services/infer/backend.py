@@ -22,7 +22,15 @@ import grpc.aio
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from llmmesh.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from llmmesh.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LlmmeshError,
+    ModelFailed,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmmesh.common.telemetry import client_interceptors
 
 __all__ = ["TRITON_PRIORITY", "Generation", "InferenceBackend", "TritonBackend", "stop_words_tensor"]
@@ -108,6 +116,39 @@ def build_request(gen: Generation, triton_model: str) -> service_pb2.ModelInferR
     return req
 
 
+# Triton's own error texts (tritonserver core; the stream carries only the text, no code), matched in
+# lower case after the "[request id: ...]" prefix. Each is the request's own answer: never UNAVAILABLE,
+# so the gateway does not run it again. UNAVAILABLE is kept for a lost Triton server.
+_QUEUE_FULL = ("exceeds maximum queue size", "queue is full")
+_NOT_READY = ("unknown model", "is not at ready state", "no available versions", "is not ready")
+_BAD_INPUT = ("unexpected shape", "unexpected inference input", "expects", "expected", "invalid", "must be")
+# How long a caller shed by a full Triton queue should wait before trying again, in seconds.
+QUEUE_FULL_RETRY_AFTER = 1.0
+
+
+def triton_error(model: str, message: str) -> LlmmeshError:
+    """The status for an error Triton (or its model) sent for one request."""
+    text = message.lower()
+    if any(m in text for m in _QUEUE_FULL):
+        return ResourceExhausted(f"triton model {model} is overloaded: {message}", QUEUE_FULL_RETRY_AFTER)
+    if any(m in text for m in _NOT_READY):
+        return FailedPrecondition(f"triton model {model} is not ready: {message}")
+    if any(m in text for m in _BAD_INPUT):
+        return InvalidArgument("input", f"triton model {model} refused the request: {message}")
+    return ModelFailed(f"triton model {model} failed: {message}")
+
+
+def _call_error(url: str, model: str, exc: grpc.aio.AioRpcError) -> LlmmeshError:
+    """The status for a failed ModelStreamInfer call: UNAVAILABLE only when the server itself was lost."""
+    code = exc.code()
+    details = exc.details() or code.name
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded("deadline exceeded while generating")
+    if code == grpc.StatusCode.UNAVAILABLE and not any(m in details.lower() for m in _NOT_READY + _QUEUE_FULL):
+        return Unavailable(f"triton at {url}: {code.name}: {details}")
+    return triton_error(model, details)
+
+
 def _output_ids(response: service_pb2.ModelInferResponse) -> list[int]:
     for i, out in enumerate(response.outputs):
         if out.name == "output_ids":
@@ -153,7 +194,7 @@ class TritonBackend:
         try:
             async for response in call:
                 if response.error_message:
-                    raise Unavailable(f"triton model {model} failed: {response.error_message}")
+                    raise triton_error(model, response.error_message)
                 result = response.infer_response
                 ids = _output_ids(result)
                 if ids:
@@ -164,9 +205,7 @@ class TritonBackend:
             if not finished:
                 raise Unavailable(f"triton at {self._url} ended the stream before the final response")
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded("deadline exceeded while generating") from exc
-            raise Unavailable(f"triton at {self._url}: {exc.code().name}: {exc.details()}") from exc
+            raise _call_error(self._url, model, exc) from exc
         finally:
             if finished:
                 # The generation is complete: let the call close in the background (its client span ends

@@ -3,7 +3,7 @@
 Two kinds of records, both with a time to live:
   - results: the token ids of a completed generation and why it ended, under a key (the request hash
     for the result cache, the request id for idempotent replays);
-  - request ids: the request hash a client's request id was first used with (the idempotency window).
+  - idempotency keys: the request hash a caller's idempotency key was first used with (the window).
 
 `MemoryStore` keeps them in this process, bounded in bytes (cachetools' TTL cache evicts the least
 recently used entries first when full). `RedisStore` keeps them in a Redis server that every replica
@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from llmmesh.common import metrics
+from llmmesh.common.errors import ResourceExhausted
 from llmmesh.common.logging import get_logger
 
 __all__ = ["MemoryStore", "RedisStore", "ResultStore", "StoredResult", "decode_result", "encode_result"]
@@ -66,8 +67,8 @@ class ResultStore(Protocol):
 
     async def delete_result(self, key: str) -> None: ...
 
-    async def claim_request_id(self, request_id: str, request_hash: str, ttl: float) -> str | None:
-        """Records `request_hash` for `request_id` unless one is recorded: returns the earlier hash, or None."""
+    async def claim_idempotency_key(self, key: str, request_hash: str, ttl: float) -> str | None:
+        """Records `request_hash` for an idempotency key unless one is recorded: returns the earlier hash, or None."""
         ...
 
     async def close(self) -> None: ...
@@ -107,10 +108,15 @@ class MemoryStore:
         self._table(key).pop(key, None)
         metrics.CACHE_BYTES.set(self._results.currsize + self._replays.currsize)
 
-    async def claim_request_id(self, request_id: str, request_hash: str, ttl: float) -> str | None:
-        earlier = self._request_ids.get(request_id)
+    async def claim_idempotency_key(self, key: str, request_hash: str, ttl: float) -> str | None:
+        table = self._request_ids
+        earlier = table.get(key)
         if earlier is None:
-            self._request_ids[request_id] = request_hash
+            table.expire()
+            if len(table) >= table.maxsize:
+                # Evicting a live claim would let a resend generate twice: refuse the new key instead.
+                raise ResourceExhausted("idempotency keys: the table is full; retry later", retry_after=1.0)
+            table[key] = request_hash
         return earlier
 
     async def close(self) -> None:
@@ -153,13 +159,19 @@ class RedisStore:
         except redis.exceptions.RedisError as exc:
             log.warning("result_store_unavailable", op="delete", error=str(exc))
 
-    async def claim_request_id(self, request_id: str, request_hash: str, ttl: float) -> str | None:
-        key = self._key("request_id", request_id)
+    async def claim_idempotency_key(self, key: str, request_hash: str, ttl: float) -> str | None:
+        key = self._key("idempotency", key)
         try:
             # SET NX GET (Redis >= 7): sets only when absent, and returns what was there.
             earlier = await self._redis.set(key, request_hash, px=max(1, int(ttl * 1000)), nx=True, get=True)
+        except redis.exceptions.ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                # Redis is full (noeviction): refuse the key rather than go on without its claim.
+                raise ResourceExhausted("idempotency keys: the shared store is full; retry later", 1.0) from exc
+            log.warning("result_store_unavailable", op="claim_idempotency_key", error=str(exc))
+            return None
         except redis.exceptions.RedisError as exc:
-            log.warning("result_store_unavailable", op="claim_request_id", error=str(exc))
+            log.warning("result_store_unavailable", op="claim_idempotency_key", error=str(exc))
             return None
         if earlier is None:
             return None

@@ -57,11 +57,18 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
             _generation_from_proto(request),
             request_hash=request.request_hash,
             shareable=request.shareable,
-            client_request_id=request.client_request_id,
+            idempotency_key=request.idempotency_key,
+            fresh=request.fresh,
             timeout=context.time_remaining(),
         )
+        first = True
         async for ids in sub:
-            yield infer_pb2.InferResponse(token_ids=ids)
+            if first:
+                # Known from the first tokens on: a caller that stops early (a stop string) still learns it.
+                first = False
+                yield infer_pb2.InferResponse(token_ids=ids, reuse=_REUSE[sub.reuse])
+            else:
+                yield infer_pb2.InferResponse(token_ids=ids)
         yield infer_pb2.InferResponse(
             finish_reason=_FINISH[sub.finish], completion_tokens=sub.completion_tokens, reuse=_REUSE[sub.reuse]
         )

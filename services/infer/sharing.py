@@ -8,11 +8,13 @@ lags receives everything new in one message (at most `batch_tokens` ids per mess
 for more tokens to arrive.
 
 Who shares (preprocess decides, see preprocess/dedup.py):
-  - shareable requests (greedy, or an explicit seed) with the same request hash join one live generation,
-    and when none is running, replay a cached result of an identical request before generating anew;
-  - a request whose client chose the request id and resends it within the idempotency window attaches to
-    that request's live generation or replays its stored result, sampled or not; the same id with a
-    different request hash is refused (INVALID_ARGUMENT).
+  - shareable requests (greedy, or an explicit seed) with the same sharing key (the request hash within
+    its sharing scope: the caller, or the whole mesh) join one live generation of their own priority
+    class, and when none is running, replay a cached result of an identical request before generating
+    anew; a `fresh` request does neither (it still registers, so others may join it, and is cached);
+  - a request that carries an idempotency key (scoped by caller) and resends it within the idempotency
+    window attaches to that call's live generation or replays its stored result, sampled or not; the
+    same key with a different request hash is refused (INVALID_ARGUMENT).
 
 Cancellation: the Triton request is cancelled only when its last subscriber has gone. A follower leaving
 never touches the generation; the leader leaving does not end the followers' streams.
@@ -150,23 +152,25 @@ class SharingHub:
         *,
         request_hash: str,
         shareable: bool,
-        client_request_id: bool,
+        idempotency_key: str = "",
+        fresh: bool = False,
         timeout: float | None = None,
     ) -> Subscription:
         policy = self._policy
         if not policy.enabled:
             return self._start(gen, (), None, timeout, "disabled")
-        rid_key = f"rid:{gen.request_id}" if client_request_id else None
-        hash_key = f"hash:{request_hash}" if shareable and request_hash else None
+        rid_key = f"rid:{idempotency_key}" if idempotency_key else None
+        # One live generation per priority class: an interactive request never waits on a batch one.
+        hash_key = f"hash:{gen.priority or 1}:{request_hash}" if shareable and request_hash else None
         if rid_key is not None and self._store is not None:
-            earlier = await self._store.claim_request_id(
-                gen.request_id, request_hash, policy.idempotency_window_seconds
+            earlier = await self._store.claim_idempotency_key(
+                idempotency_key, request_hash, policy.idempotency_window_seconds
             )
             if earlier is not None and earlier != request_hash:
                 raise InvalidArgument(
-                    "request_id",
-                    f"{gen.request_id!r} was used for a different request within the last "
-                    f"{policy.idempotency_window_seconds:g} s; use a new request id for a new request",
+                    "idempotency_key",
+                    f"this key was used for a different request within the last "
+                    f"{policy.idempotency_window_seconds:g} s; use a new key for a new request",
                 )
             if earlier is not None:
                 live = self._live.get(rid_key)
@@ -178,7 +182,7 @@ class SharingHub:
                     metrics.DEDUP_JOINS.labels("request_id").inc()
                     return self._replay(stored, "deduplicated")
                 # The first request failed or was cancelled (nothing stored): this one generates.
-        if hash_key is not None:
+        if hash_key is not None and not fresh:
             live = self._live.get(hash_key)
             if live is not None:
                 metrics.DEDUP_JOINS.labels("in_flight").inc()
@@ -187,7 +191,12 @@ class SharingHub:
                 return Subscription(self, live, "joined_in_flight", policy.batch_tokens)
         keys = tuple(k for k in (hash_key, rid_key) if k is not None)
         return self._start(
-            gen, keys, request_hash if hash_key else None, timeout, "none" if shareable else "not_shareable"
+            gen,
+            keys,
+            request_hash if hash_key else None,
+            timeout,
+            "none" if shareable else "not_shareable",
+            lookup=not fresh,
         )
 
     def _start(
@@ -197,12 +206,13 @@ class SharingHub:
         cache_key: str | None,
         timeout: float | None,
         reuse: Reuse,
+        lookup: bool = True,
     ) -> Subscription:
         live = LiveGeneration(keys=keys, max_tokens=gen.max_tokens)
         for key in keys:
             self._live[key] = live
         # A generation others may join outlives its first caller's deadline; it ends when all have gone.
-        live.task = asyncio.create_task(self._drive(live, gen, cache_key, None if keys else timeout))
+        live.task = asyncio.create_task(self._drive(live, gen, cache_key, None if keys else timeout, lookup))
         return Subscription(self, live, reuse, self._policy.batch_tokens)
 
     def _replay(self, stored: StoredResult, reuse: Reuse) -> Subscription:
@@ -216,9 +226,11 @@ class SharingHub:
             live.keys = (*live.keys, key)
             self._live[key] = live
 
-    async def _drive(self, live: LiveGeneration, gen: Generation, cache_key: str | None, timeout: float | None) -> None:
+    async def _drive(
+        self, live: LiveGeneration, gen: Generation, cache_key: str | None, timeout: float | None, lookup: bool
+    ) -> None:
         try:
-            if cache_key is not None and self._store is not None:
+            if lookup and cache_key is not None and self._store is not None:
                 stored = await self._store.get_result(cache_key)
                 metrics.CACHE_LOOKUPS.labels("hit" if stored is not None else "miss").inc()
                 if stored is not None:
@@ -263,10 +275,11 @@ class SharingHub:
                 del self._live[key]
 
     async def forget(self, request_hash: str) -> None:
-        """Drops a cached result; a generation of it still running will not be stored."""
-        live = self._live.get(f"hash:{request_hash}")
-        if live is not None:
-            live.store = False
+        """Drops a cached result; a generation of it still running (of any priority) will not be stored."""
+        for priority in (1, 2):
+            live = self._live.get(f"hash:{priority}:{request_hash}")
+            if live is not None:
+                live.store = False
         if self._store is not None:
             await self._store.delete_result(request_hash)
 

@@ -84,6 +84,11 @@ class Chunker:
     def mode(self) -> ChunkingMode:
         return self._mode
 
+    @property
+    def held_chars(self) -> int:
+        """Characters waiting for a speakable boundary."""
+        return len(self._pending)
+
     def push(self, text: str) -> list[str]:
         """Complete chunks now known; each ends at a speakable boundary."""
         if self._mode is ChunkingMode.TOKEN:

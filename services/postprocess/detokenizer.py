@@ -37,6 +37,14 @@ class IncrementalDetokenizer:
             ) from None
         return self._decoder.decode(data)
 
+    def feed_each(self, ids: Sequence[int]) -> list[str]:
+        """The text each id completes, in order (all ids are checked before any is decoded)."""
+        table = self._token_bytes
+        if any(not 0 <= i < len(table) for i in ids):
+            self.feed([i for i in ids if not 0 <= i < len(table)][:1])  # raises, naming the id
+        decode = self._decoder.decode
+        return [decode(table[i]) for i in ids]
+
     def flush(self) -> str:
         """The rest at end of stream: an incomplete trailing character becomes U+FFFD, as in a full decode."""
         return self._decoder.decode(b"", final=True)

@@ -7,6 +7,7 @@ to the next speakable boundary. Nothing reaches the client before every stage ha
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,11 @@ class TextSafety(Protocol):
 
     async def push(self, text: str, final: bool = False) -> tuple[str, str | None]: ...
 
+    @property
+    def held_chars(self) -> int:
+        """Characters pushed but not yet released."""
+        ...
+
 
 @dataclass
 class Piece:
@@ -52,6 +58,8 @@ class Output:
     category: str = ""
     # Ids not yet attached to a chunk when the stream ended.
     leftover_ids: list[int] = field(default_factory=list)
+    # When the stream ended: the tokens of the answer (see TextPipeline.completion_tokens).
+    completion_tokens: int = 0
 
     @property
     def text(self) -> str:
@@ -59,6 +67,10 @@ class Output:
 
 
 class TextPipeline:
+    """One stream's text work. Ids are processed one at a time, whatever their batching: what is
+    released, where a stop string or a filter ends the answer, and the answer's token count are the same
+    on every run of a deterministic generation (a consumer that lags receives ids in batches)."""
+
     def __init__(
         self,
         token_bytes: Sequence[bytes],
@@ -66,18 +78,40 @@ class TextPipeline:
         safety: TextSafety,
         chunking: ChunkingMode = ChunkingMode.TOKEN,
     ) -> None:
+        self._token_bytes = token_bytes
         self._detok = IncrementalDetokenizer(token_bytes)
         self._stops = StopMatcher(stops)
         self._safety = safety
         self._chunker = Chunker(chunking)
         self._pending_ids: list[int] = []
+        # Bytes of text after each id received (ends[k] = bytes of ids 0..k), and the text the stop
+        # matcher released, in order: the answer's token count is read off them at its end.
+        self._ends: list[int] = []
+        self._released: list[str] = []
+        self._released_chars = 0
         self.finished = False
 
     async def feed(self, ids: Sequence[int]) -> Output:
         if self.finished:
             return Output()
-        self._pending_ids.extend(ids)
-        return await self._step(self._detok.feed(ids), final=False)
+        texts = self._detok.feed_each(ids)  # checks every id first
+        out = Output()
+        end = self._ends[-1] if self._ends else 0
+        for k, (i, text) in enumerate(zip(ids, texts, strict=True)):
+            self._pending_ids.append(i)
+            end += len(self._token_bytes[i])
+            self._ends.append(end)
+            step = await self._step(text, final=False)
+            out.pieces += step.pieces
+            if step.finish is not None:
+                step.pieces = out.pieces
+                step.leftover_ids += ids[k + 1 :]
+                out = step
+                break
+        if self._chunker.mode is ChunkingMode.TOKEN and len(out.pieces) > 1:
+            # Every delta is a chunk in TOKEN mode: what one batch released goes out as one chunk.
+            out.pieces = [Piece("".join(p.text for p in out.pieces), [i for p in out.pieces for i in p.ids])]
+        return out
 
     async def finish(self, reason: Finish) -> Output:
         """End of generation: release and check what was held back, flush the last chunk."""
@@ -85,15 +119,36 @@ class TextPipeline:
             return Output()
         return await self._step(self._detok.flush(), final=True, reason=reason)
 
+    def _tokens_through(self, text_bytes: int) -> int:
+        """The fewest ids whose bytes cover `text_bytes` bytes of text."""
+        return min(bisect.bisect_left(self._ends, text_bytes) + 1, len(self._ends)) if text_bytes else 0
+
+    def _tokens_within(self, text_bytes: int) -> int:
+        """The ids whose bytes lie wholly within the first `text_bytes` bytes of text."""
+        return bisect.bisect_right(self._ends, text_bytes)
+
+    def _released_bytes(self, chars: int | None = None) -> int:
+        return len("".join(self._released)[:chars].encode())
+
     async def _step(self, text: str, final: bool, reason: Finish | None = None) -> Output:
         released, stop = self._stops.push(text)
         if final and stop is None:
             released += self._stops.flush()
         ending = final or stop is not None
+        # What had passed every layer before this push (the client may have it): the filter point.
+        delivered = self._released_chars - self._safety.held_chars - self._chunker.held_chars
+        self._released.append(released)
+        self._released_chars += len(released)
         safe, category = await self._safety.push(released, final=ending)
         if category is not None:
+            # The answer is what the client received: the ids whose text was delivered before the filter.
             self.finished = True
-            return Output(finish=Finish.CONTENT_FILTER, category=category, leftover_ids=self._take_ids())
+            return Output(
+                finish=Finish.CONTENT_FILTER,
+                category=category,
+                leftover_ids=self._take_ids(),
+                completion_tokens=self._tokens_within(self._released_bytes(max(delivered, 0))),
+            )
         chunks = self._chunker.push(safe)
         if ending:
             chunks += self._chunker.flush()
@@ -101,11 +156,19 @@ class TextPipeline:
         if pieces:
             pieces[0].ids = self._take_ids()
         if stop is not None:
+            # Up to and including the id that completed the stop string: the model generated it.
             self.finished = True
-            return Output(pieces, Finish.STOP_STRING, matched_stop=stop, leftover_ids=self._take_ids())
+            return Output(
+                pieces,
+                Finish.STOP_STRING,
+                matched_stop=stop,
+                leftover_ids=self._take_ids(),
+                completion_tokens=self._tokens_through(self._released_bytes() + len(stop.encode())),
+            )
         if final:
             self.finished = True
-            return Output(pieces, reason, leftover_ids=self._take_ids())
+            assert reason is not None
+            return Output(pieces, reason, leftover_ids=self._take_ids(), completion_tokens=len(self._ends))
         return Output(pieces)
 
     def _take_ids(self) -> list[int]:

@@ -64,6 +64,10 @@ class StreamSafety:
         verdict = await self._stream.push(text, final=final)
         return verdict.text, verdict.blocked
 
+    @property
+    def held_chars(self) -> int:
+        return self._stream.held_chars
+
 
 def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None]:
     """The servicer and its classifier client (to close): served by `create_server`, or called in the

@@ -46,6 +46,7 @@ def _to_proto(out: Output) -> list[postprocess_pb2.ProcessResponse]:
             matched_stop=out.matched_stop,
             filter_category=out.category,
             token_ids=out.leftover_ids,
+            completion_tokens=out.completion_tokens,
         )
         messages.append(postprocess_pb2.ProcessResponse(done=done))
     return messages

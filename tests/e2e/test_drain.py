@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.launcher import Mesh
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import request
+from .conftest import request, settled_counters
 
 pytestmark = pytest.mark.e2e
 
@@ -23,9 +23,11 @@ def test_sigterm_mid_stream_finishes_the_stream_then_exits_zero(mesh: Mesh, serv
     proc = mesh.procs[service]
     with grpc.insecure_channel(mesh.address("gateway")) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        stream = stub.Generate(
-            request("Write a long story about a dragon.", temperature=0.0, max_tokens=80), timeout=120
-        )
+        # fresh: a live generation at infer each time, never a replay of the previous parameter's result.
+        req = request("Write a long story about a dragon.", temperature=0.0, max_tokens=80)
+        req.fresh = True
+        before = settled_counters(mesh)
+        stream = stub.Generate(req, timeout=120)
         chunks, final = 0, None
         for response in stream:
             if response.HasField("chunk"):
@@ -45,6 +47,9 @@ def test_sigterm_mid_stream_finishes_the_stream_then_exits_zero(mesh: Mesh, serv
     assert final is not None, "the stream in flight did not complete"
     assert final.finish_reason == generation_pb2.FINISH_REASON_LENGTH
     assert final.usage.completion_tokens == 80
+    assert final.reuse == generation_pb2.REUSE_NONE
+    after = settled_counters(mesh)
+    assert after.get("completed", 0) - before.get("completed", 0) == 1  # generated while the service drained
     assert proc.wait(timeout=30) == 0
     mesh.procs.pop(service)
     mesh.start_service(service)

@@ -54,11 +54,14 @@ def test_capital_of_france_streams_paris(gateway: Stub) -> None:
 
 
 def test_greedy_decoding_is_deterministic(gateway: Stub) -> None:
-    """Two greedy runs of the same request produce the same token ids."""
+    """Two greedy generations of the same request (both generated, neither a replay) give the same token ids."""
     req = request("Name three colours.", temperature=0.0, max_tokens=32)
-    first, _ = _collect(gateway, req)
-    second, _ = _collect(gateway, req)
+    req.fresh = True
+    first, first_final = _collect(gateway, req)
+    second, second_final = _collect(gateway, req)
+    assert first_final.reuse == second_final.reuse == generation_pb2.REUSE_NONE
     assert [i for c in first for i in c.token_ids] == [i for c in second for i in c.token_ids]
+    assert first_final.usage == second_final.usage
 
 
 def test_deltas_concatenate_to_the_decode_of_all_streamed_ids(gateway: Stub, assets: ModelAssets) -> None:

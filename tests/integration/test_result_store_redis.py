@@ -32,9 +32,9 @@ async def test_results_are_shared_through_redis_and_expire(redis_server: RedisSe
 
 async def test_a_request_id_is_claimed_once(redis_server: RedisServer) -> None:
     s = store(redis_server.url)
-    assert await s.claim_request_id("client-7", "hash-a", ttl=30) is None
-    assert await s.claim_request_id("client-7", "hash-b", ttl=30) == "hash-a"
-    assert await s.claim_request_id("client-8", "hash-b", ttl=30) is None
+    assert await s.claim_idempotency_key("client-7", "hash-a", ttl=30) is None
+    assert await s.claim_idempotency_key("client-7", "hash-b", ttl=30) == "hash-a"
+    assert await s.claim_idempotency_key("client-8", "hash-b", ttl=30) is None
     await s.close()
 
 
@@ -49,6 +49,6 @@ async def test_an_unreachable_redis_is_a_miss_not_a_failure() -> None:
     s = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
     assert await s.get_result("h") is None
     await s.put_result("h", StoredResult([1], "stop"), ttl=30)  # logged and dropped
-    assert await s.claim_request_id("r", "h", ttl=30) is None
+    assert await s.claim_idempotency_key("r", "h", ttl=30) is None
     assert not await s.ping()
     await s.close()

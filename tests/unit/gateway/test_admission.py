@@ -279,7 +279,7 @@ class _FakeOrchestrator:
     """Stands in for the stages: the test is about the servicer's admission, not generation."""
 
     async def generate(
-        self, request: object, timeout: float | None, arrived: float | None = None
+        self, request: object, timeout: float | None, arrived: float | None = None, caller: str = ""
     ) -> AsyncIterator[object]:
         yield generation_pb2.GenerateResponse(final=generation_pb2.Final(request_id="x"))
 

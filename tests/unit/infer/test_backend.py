@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import grpc
 import numpy as np
+import pytest
 
-from llmmesh.infer.backend import Generation, build_request, stop_words_tensor
+from llmmesh.common.errors import ResourceExhausted
+from llmmesh.infer.backend import Generation, build_request, stop_words_tensor, triton_error
 
 
 def test_stop_words_follow_the_tensorrt_llm_layout() -> None:
@@ -47,3 +50,29 @@ def test_priority_reaches_triton_as_its_request_priority() -> None:
     base = Generation("r", "m", [1], 4, 2, 2, 1.0, 1.0, 0, None)
     levels = {p: build_request(replace(base, priority=p), "m").parameters["priority"].uint64_param for p in (0, 1, 2)}
     assert levels == {0: 1, 1: 1, 2: 2}
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        # Texts as tritonserver sends them on the stream (core and python backend).
+        ("[request id: r1] Exceeds maximum queue size", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("Request for unknown model: 'nope' is not found", grpc.StatusCode.FAILED_PRECONDITION),
+        ("Request for unknown model: 'smollm2' version 1 is not at ready state", grpc.StatusCode.FAILED_PRECONDITION),
+        (
+            "[request id: r1] unexpected shape for input 'input_ids' for model 'smollm2'. Expected [-1], got [1,2,3]",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "[request id: r1] inference input 'seed' data-type is 'INT64', but model 'x' expects 'UINT64'",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        ("generation failed: RuntimeError('boom')", grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_triton_errors_are_the_requests_own_answer_never_unavailable(message: str, code: grpc.StatusCode) -> None:
+    """Queue full, model not ready, bad input and model failures map to their own statuses (no retry)."""
+    error = triton_error("smollm2", message)
+    assert error.code == code and message in str(error)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        assert isinstance(error, ResourceExhausted) and error.retry_after

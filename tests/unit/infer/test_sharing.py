@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from llmmesh.common.errors import InvalidArgument, Unavailable
+from llmmesh.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from llmmesh.infer.backend import Generation
 from llmmesh.infer.result_store import MemoryStore, StoredResult, decode_result, encode_result
 from llmmesh.infer.sharing import SharingHub, SharingPolicy, Subscription
@@ -46,7 +46,7 @@ class ScriptedBackend:
         return None
 
 
-def gen(request_id: str = "r", max_tokens: int = 40) -> Generation:
+def gen(request_id: str = "r", max_tokens: int = 40, priority: int = 0) -> Generation:
     return Generation(
         request_id=request_id,
         model="m",
@@ -58,6 +58,7 @@ def gen(request_id: str = "r", max_tokens: int = 40) -> Generation:
         top_p=1.0,
         top_k=0,
         seed=None,
+        priority=priority,
     )
 
 
@@ -77,9 +78,9 @@ async def collect(sub: Subscription, stop_after: int | None = None) -> list[int]
 
 
 async def subscribe(
-    h: SharingHub, g: Generation, key: str = "k", shareable: bool = True, rid: bool = False
+    h: SharingHub, g: Generation, key: str = "k", shareable: bool = True, idem: str = "", fresh: bool = False
 ) -> Subscription:
-    return await h.subscribe(g, request_hash=key, shareable=shareable, client_request_id=rid)
+    return await h.subscribe(g, request_hash=key, shareable=shareable, idempotency_key=idem, fresh=fresh)
 
 
 async def test_identical_shareable_requests_share_one_generation() -> None:
@@ -218,34 +219,34 @@ async def test_forget_while_running_keeps_the_result_out_of_the_cache() -> None:
     assert again.reuse == "none" and backend.started == 2
 
 
-async def test_a_resent_request_id_replays_its_result_even_when_sampled() -> None:
+async def test_a_resent_idempotency_key_replays_its_result_even_when_sampled() -> None:
     backend = ScriptedBackend()
     h = hub(backend)
-    first = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    first = await subscribe(h, gen("client-1"), key="h1", shareable=False, idem="alice/job-1")
     assert await collect(first) == TOKENS
-    again = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    again = await subscribe(h, gen("client-1"), key="h1", shareable=False, idem="alice/job-1")
     assert await collect(again) == TOKENS
     assert again.reuse == "deduplicated" and backend.started == 1
 
 
-async def test_a_resent_request_id_attaches_to_its_running_generation() -> None:
+async def test_a_resent_idempotency_key_attaches_to_its_running_generation() -> None:
     backend = ScriptedBackend()
     h = hub(backend)
-    first = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    first = await subscribe(h, gen("client-1"), key="h1", shareable=False, idem="alice/job-1")
     task = asyncio.create_task(collect(first))
     await asyncio.sleep(0.01)
-    again = await subscribe(h, gen("client-1"), key="h1", shareable=False, rid=True)
+    again = await subscribe(h, gen("client-1"), key="h1", shareable=False, idem="alice/job-1")
     assert await collect(again) == TOKENS and await task == TOKENS
     assert again.reuse == "deduplicated" and backend.started == 1
 
 
-async def test_a_request_id_reused_for_a_different_request_is_refused() -> None:
+async def test_an_idempotency_key_reused_for_a_different_request_is_refused() -> None:
     backend = ScriptedBackend()
     h = hub(backend)
-    await collect(await subscribe(h, gen("client-1"), key="h1", rid=True))
+    await collect(await subscribe(h, gen("client-1"), key="h1", idem="alice/job-1"))
     with pytest.raises(InvalidArgument) as err:
-        await subscribe(h, gen("client-1"), key="h2", rid=True)
-    assert err.value.field == "request_id" and "different request" in str(err.value)
+        await subscribe(h, gen("client-1"), key="h2", idem="alice/job-1")
+    assert err.value.field == "idempotency_key" and "different request" in str(err.value)
 
 
 async def test_a_failure_reaches_every_subscriber_and_nothing_is_cached() -> None:
@@ -262,7 +263,7 @@ async def test_a_failure_reaches_every_subscriber_and_nothing_is_cached() -> Non
 async def test_with_dedup_off_every_request_generates() -> None:
     backend = ScriptedBackend()
     h = hub(backend, enabled=False)
-    subs = [await subscribe(h, gen(f"r{i}"), rid=True) for i in range(3)]
+    subs = [await subscribe(h, gen(f"r{i}"), idem="alice/job-1") for i in range(3)]
     await asyncio.gather(*(collect(s) for s in subs))
     assert backend.started == 3 and {s.reuse for s in subs} == {"disabled"}
 
@@ -282,3 +283,67 @@ def test_results_round_trip_and_unknown_records_read_as_misses() -> None:
     assert decode_result(encode_result(result)) == result
     assert decode_result(b"\x09s" + b"\x00" * 4) is None  # a future format version
     assert decode_result(b"\x01s\x00") is None
+
+
+async def test_request_ids_alone_never_make_a_call_idempotent() -> None:
+    """Two sampled calls with the same request id but no idempotency key each generate."""
+    backend = ScriptedBackend()
+    h = hub(backend)
+    first = await subscribe(h, gen("job-42"), key="h1", shareable=False)
+    await collect(first)
+    second = await subscribe(h, gen("job-42"), key="h2", shareable=False)
+    await collect(second)
+    assert backend.started == 2 and {first.reuse, second.reuse} == {"not_shareable"}
+
+
+async def test_idempotency_keys_of_different_callers_never_meet() -> None:
+    """The same key from two callers (the gateway prefixes each caller's identity) is two calls."""
+    backend = ScriptedBackend()
+    h = hub(backend)
+    alice = await subscribe(h, gen("a"), key="h1", shareable=False, idem="alice/job-42")
+    await collect(alice)
+    bob = await subscribe(h, gen("b"), key="h2", shareable=False, idem="bob/job-42")
+    await collect(bob)
+    assert backend.started == 2 and bob.reuse == "not_shareable"
+
+
+async def test_an_interactive_request_never_joins_a_batch_generation() -> None:
+    """Identical requests share only within their priority class; each class shares among itself."""
+    backend = ScriptedBackend(gap=0.01)
+    h = hub(backend)
+    batch = await subscribe(h, gen("b", priority=2))
+    batch_task = asyncio.create_task(collect(batch))
+    await asyncio.sleep(0.03)
+    interactive = await subscribe(h, gen("i", priority=1))
+    unspecified = await subscribe(h, gen("u", priority=0))  # unspecified is interactive
+    more_batch = await subscribe(h, gen("b2", priority=2))
+    results = await asyncio.gather(collect(interactive), collect(unspecified), collect(more_batch), batch_task)
+    assert all(r == TOKENS for r in results)
+    assert backend.started == 2
+    assert (interactive.reuse, unspecified.reuse, more_batch.reuse) == ("none", "joined_in_flight", "joined_in_flight")
+
+
+async def test_a_fresh_request_generates_anew_and_others_may_join_it() -> None:
+    """`fresh` skips the cache and any running generation; its own generation is shared and cached."""
+    backend = ScriptedBackend(gap=0.01)
+    h = hub(backend)
+    await collect(await subscribe(h, gen("a")))
+    cached = await subscribe(h, gen("b"))
+    await collect(cached)
+    assert cached.reuse == "cache_hit" and backend.started == 1
+    fresh = await subscribe(h, gen("c"), fresh=True)
+    fresh_task = asyncio.create_task(collect(fresh))
+    await asyncio.sleep(0.03)
+    joiner = await subscribe(h, gen("d"))
+    assert await collect(joiner) == TOKENS and await fresh_task == TOKENS
+    assert fresh.reuse == "none" and joiner.reuse == "joined_in_flight" and backend.started == 2
+
+
+async def test_a_full_idempotency_table_refuses_new_keys_instead_of_evicting_live_claims() -> None:
+    """Evicting a claim would let a resend generate twice: a full table answers RESOURCE_EXHAUSTED."""
+    store = MemoryStore(1 << 20, result_ttl=60, request_id_ttl=60, max_request_ids=2)
+    assert await store.claim_idempotency_key("a/1", "h1", 60) is None
+    assert await store.claim_idempotency_key("a/2", "h2", 60) is None
+    with pytest.raises(ResourceExhausted):
+        await store.claim_idempotency_key("a/3", "h3", 60)
+    assert await store.claim_idempotency_key("a/1", "h1", 60) == "h1"

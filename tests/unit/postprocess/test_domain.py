@@ -72,3 +72,63 @@ async def test_email_in_the_output_is_redacted_before_release(assets: ModelAsset
     ids = assets.encode("Write to jane.doe@example.com today.")
     texts, _, out = await _run(_pipeline(assets), ids)
     assert "".join(texts) == "Write to [EMAIL] today." and out.finish is Finish.STOP
+
+
+async def _batched(pipeline: TextPipeline, ids: list[int], sizes: list[int]) -> tuple[str, Output]:
+    """Feeds `ids` in batches of the given sizes (cycled), as a lagging reader receives them."""
+    text, pos, k = "", 0, 0
+    while pos < len(ids):
+        out = await pipeline.feed(ids[pos : pos + sizes[k % len(sizes)]])
+        pos += sizes[k % len(sizes)]
+        k += 1
+        text += out.text
+        if out.finish:
+            return text, out
+    out = await pipeline.finish(Finish.STOP)
+    return text + out.text, out
+
+
+BATCHINGS = [[1], [16], [2, 3], [5, 1, 7], [1000]]
+
+
+async def test_usage_counts_through_the_token_that_completed_the_stop_string(assets: ModelAssets) -> None:
+    """STOP_STRING: the count ends at the id that completed the stop string, for every batching."""
+    ids = assets.encode("The capital of France is Paris. It is big and old and lovely.")
+    expected = len(assets.encode("The capital of France is Paris"))
+    for sizes in BATCHINGS:
+        text, out = await _batched(_pipeline(assets, stops=["Paris"]), ids, sizes)
+        assert (text, out.finish, out.completion_tokens) == ("The capital of France is ", Finish.STOP_STRING, expected)
+
+
+async def test_usage_counts_the_delivered_tokens_before_a_filter(assets: ModelAssets) -> None:
+    """CONTENT_FILTER: the ids whose text was delivered before the filter point, the same for every batching."""
+    ids = assets.encode("The capital of Germany is a city. Its name is Berlin and it is big.")
+    results = set()
+    for sizes in BATCHINGS:
+        text, out = await _batched(_pipeline(assets, blocked=["berlin"]), ids, sizes)
+        assert out.finish is Finish.CONTENT_FILTER
+        results.add((text, out.completion_tokens))
+    assert len(results) == 1
+    ((text, count),) = results
+    assert text.startswith("The capital of Germany is a city.") and "Ber" not in text
+    # The ids wholly within the delivered text: not the id that carries its trailing space into "Berlin".
+    assert text.startswith(assets.decode(ids[:count])) and not text.startswith(assets.decode(ids[: count + 1]))
+
+
+async def test_usage_counts_every_id_when_the_generation_ends(assets: ModelAssets) -> None:
+    """STOP and LENGTH: every id received, special ids whose text is empty included."""
+    ids = [*assets.encode("Short answer."), assets.eos_token_id]
+    for sizes in BATCHINGS:
+        _, out = await _batched(_pipeline(assets), ids, sizes)
+        assert out.finish is Finish.STOP and out.completion_tokens == len(ids)
+
+
+async def test_a_batch_is_released_as_one_token_chunk_and_stops_inside_it(assets: ModelAssets) -> None:
+    """TOKEN mode: one chunk per feed; ids after a stop string inside a batch are leftovers, not chunk ids."""
+    pipeline = _pipeline(assets, stops=["Paris"])
+    ids = assets.encode("It is Paris, of course.")
+    out = await pipeline.feed(ids)
+    assert [p.text for p in out.pieces] == ["It is "]
+    through = len(assets.encode("It is Paris"))
+    assert out.pieces[0].ids + out.leftover_ids == ids
+    assert out.pieces[0].ids == ids[:through] and out.completion_tokens == through

@@ -202,9 +202,7 @@ def test_the_model_sees_the_prompt_as_written(preparer: Preparer, assets: ModelA
         "tabs\tand\r\nnewlines\n\n\nend",
     ],
 )
-def test_ids_equal_the_template_rendering_of_the_raw_text(
-    preparer: Preparer, assets: ModelAssets, text: str
-) -> None:
+def test_ids_equal_the_template_rendering_of_the_raw_text(preparer: Preparer, assets: ModelAssets, text: str) -> None:
     """For text without marker strings, the ids are exactly the tokenization of the rendered template."""
     chat = (ChatTurn("system", text), ChatTurn("user", text), ChatTurn("assistant", text), ChatTurn("user", text))
     out = preparer.prepare(PrepareInput(request_id="r", model="", chat=chat))
