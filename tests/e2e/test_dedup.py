@@ -190,11 +190,12 @@ def test_a_sampled_request_without_a_seed_says_it_cannot_share(
     assert "without a seed" in answer.final.reuse_detail
 
 
-def test_a_resent_request_id_replays_the_stored_result_without_generating(
+def test_a_resent_idempotency_key_replays_the_stored_result_without_generating(
     mesh: Mesh, gateway: generation_pb2_grpc.GenerationServiceStub
 ) -> None:
-    req = greedy(unique_prompt("clouds"), max_tokens=24, temperature=0.9)  # sampled: only the id can dedup
-    req.request_id = f"client-{uuid.uuid4().hex}"
+    req = greedy(unique_prompt("clouds"), max_tokens=24, temperature=0.9)  # sampled: only the key can dedup
+    req.idempotency_key = f"client-{uuid.uuid4().hex}"
+    req.request_id = f"trace-{uuid.uuid4().hex}"
     first = collect(gateway, req)
     before = settled_counters(mesh)
     again = collect(gateway, req)
@@ -204,11 +205,11 @@ def test_a_resent_request_id_replays_the_stored_result_without_generating(
     assert again.final.request_id == req.request_id
 
     other = greedy(unique_prompt("stones"), max_tokens=4)
-    other.request_id = req.request_id
+    other.idempotency_key = req.idempotency_key
     with pytest.raises(grpc.RpcError) as err:
         collect(gateway, other)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "request_id" in (err.value.details() or "")
+    assert "idempotency_key" in (err.value.details() or "")
 
 
 def test_prompts_that_differ_in_layout_or_case_never_share(
@@ -279,9 +280,9 @@ def test_a_second_replica_serves_a_cache_hit_produced_by_the_first(replicas: tup
         assert hit.final is not None and hit.final.reuse == REUSE.REUSE_CACHE_HIT
         assert hit.text == first.text and hit.token_ids == first.token_ids and len(hit.token_ids) == 16
 
-        # Request ids are shared too: a resend to the other replica replays, a different request is refused.
+        # Idempotency keys are shared too: a resend to the other replica replays.
         sampled = greedy(unique_prompt(), max_tokens=8, temperature=1.0)
-        sampled.request_id = f"client-{uuid.uuid4().hex}"
+        sampled.idempotency_key = f"client-{uuid.uuid4().hex}"
         one = collect(gw_a, sampled)
         two = collect(gw_b, sampled)
         assert two.final is not None and two.final.reuse == REUSE.REUSE_DEDUPLICATED and two.text == one.text

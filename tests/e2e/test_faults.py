@@ -221,6 +221,31 @@ async def test_disconnected_clients_cancel_their_triton_requests(fault_mesh: Mes
     assert 0 < slowest <= CANCEL_TO_MODEL_S
 
 
+async def test_converse_clients_that_disconnect_mid_answer_stop_the_model(fault_mesh: Mesh) -> None:
+    """10 voice clients drop their connections mid-answer: 10 cancels at the model, each within 200 ms."""
+    channels = [grpc.aio.insecure_channel(fault_mesh.address("gateway"), options=OWN_CONNECTION) for _ in range(10)]
+    try:
+        before = await _settled(fault_mesh)
+        calls = [generation_pb2_grpc.GenerationServiceStub(c).Converse() for c in channels]
+        for call in calls:
+            await call.write(generation_pb2.ConverseRequest(generate=_request(800)))
+        for call in calls:
+            for _ in range(3):
+                response = await asyncio.wait_for(call.read(), 30)
+                assert response.HasField("chunk")
+        disconnected_at = time.time()
+        await asyncio.gather(*(c.close() for c in channels))
+        await _until(lambda: _model_metrics(fault_mesh)["cancelled"] >= before["cancelled"] + 10, 10)
+        after = await _settled(fault_mesh)
+    finally:
+        await asyncio.gather(*(c.close() for c in channels))
+    assert after["cancelled"] - before["cancelled"] == 10
+    assert after["completed"] == before["completed"]
+    slowest = after["last_cancel"] - disconnected_at
+    _report("converse disconnect x10", slowest_cancel_reached_model_s=slowest)
+    assert 0 < slowest <= CANCEL_TO_MODEL_S
+
+
 async def test_expired_deadline_is_deadline_exceeded_and_cancels_the_model(
     fault_mesh: Mesh, stub: generation_pb2_grpc.GenerationServiceStub
 ) -> None:
