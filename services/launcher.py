@@ -21,11 +21,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.common.tls import client_credentials
+from llmmesh.common.triton_auth import new_header, triton_args
 from llmmesh.infer.triton_server import TritonServer, repository_root
 
 __all__ = ["SERVICES", "Mesh", "MeshPorts", "free_port"]
 
 SERVICES = ("preprocess", "infer", "postprocess", "gateway")
+# The gateway's API key settings (without their LLMMESH_GATEWAY_ prefix): either one set = keys required.
+_KEY_SETTINGS = ("API_KEYS", "API_KEYS_FILE")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -95,6 +98,17 @@ class Mesh:
     in_gateway: tuple[str, ...] = ()
     triton: TritonServer | None = field(default=None, init=False)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
+    # This mesh's secret for Triton's restricted protocols (see `triton_header`).
+    _triton_header: str = field(default_factory=new_header, init=False, repr=False)
+
+    @property
+    def triton_header(self) -> str:
+        """The header ('<key>=<value>') that Triton's restricted protocols require of this mesh's callers
+        (llmmesh.common.triton_auth), or '' when Triton is open. Triton is restricted when the gateway
+        requires API keys: a mesh with keys must have no door that opens without one."""
+        env = {**os.environ, **self.env}
+        keyed = any(env.get(f"LLMMESH_GATEWAY_{name}", "").strip() not in ("", "[]") for name in _KEY_SETTINGS)
+        return self._triton_header if keyed else ""
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -145,6 +159,9 @@ class Mesh:
                 env[f"{prefix}TLS_KEY_FILE"] = str(self.tls_dir / f"{name}.key")
                 env[f"{prefix}TLS_CA_FILE"] = str(self.tls_dir / "ca.pem")
             env["LLMMESH_GATEWAY_PUBLIC_CA_FILE"] = str(self.tls_dir / "public-ca.pem")
+        if header := self.triton_header:
+            for name in ("preprocess", "infer", "postprocess"):
+                env[f"LLMMESH_{name.upper()}_TRITON_HEADER"] = header
         env.update(self.env)
         return env
 
@@ -210,6 +227,7 @@ class Mesh:
             log_path=self.log_dir / "triton.log",
             trace_url=self.triton_trace_url,
             model_repository=self.model_repository or repository_root(),
+            extra_args=tuple(triton_args(self.triton_header)),
         )
         try:
             self.triton.start()

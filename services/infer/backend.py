@@ -32,6 +32,7 @@ from llmmesh.common.errors import (
     Unavailable,
 )
 from llmmesh.common.telemetry import client_interceptors
+from llmmesh.common.triton_auth import header_interceptors
 
 __all__ = ["TRITON_PRIORITY", "Generation", "InferenceBackend", "TritonBackend", "stop_words_tensor"]
 
@@ -159,11 +160,16 @@ def _output_ids(response: service_pb2.ModelInferResponse) -> list[int]:
 class TritonBackend:
     """Streams generations from Triton; one ModelStreamInfer call per request, so cancel is per request."""
 
-    def __init__(self, url: str, routes: Mapping[str, str], options: Sequence[tuple[str, int]] = ()) -> None:
+    def __init__(
+        self, url: str, routes: Mapping[str, str], options: Sequence[tuple[str, int]] = (), header: str = ""
+    ) -> None:
         self._url = url
         self._routes = dict(routes)
         # With tracing on, the client interceptor sends `traceparent`: Triton's InferRequest span joins our trace.
-        self._channel = grpc.aio.insecure_channel(url, options=list(options), interceptors=client_interceptors())
+        # With `header` ('<key>=<value>', see llmmesh.common.triton_auth), every call opens Triton's restricted
+        # protocols.
+        interceptors = [*client_interceptors(), *header_interceptors(header)]
+        self._channel = grpc.aio.insecure_channel(url, options=list(options), interceptors=interceptors)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._closing: set[asyncio.Task[None]] = set()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.logging import get_logger
@@ -27,6 +27,9 @@ class InferSettings(ServiceSettings):
 
     # Triton's gRPC address.
     triton_url: str = "127.0.0.1:8001"
+    # The header ('<key>=<value>') that Triton's restricted protocols require (llmmesh.common.triton_auth);
+    # empty = none sent. Never logged.
+    triton_header: SecretStr = SecretStr("")
     # Model name (as clients say it) -> Triton model name. JSON in the environment.
     models: dict[str, str] = Field(default_factory=lambda: {"smollm2": "smollm2"})
     # How often Triton's readiness is checked for the health status.
@@ -82,7 +85,9 @@ async def create_server(settings: InferSettings, backend: InferenceBackend | Non
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-    backend = backend or TritonBackend(settings.triton_url, settings.models, options)
+    backend = backend or TritonBackend(
+        settings.triton_url, settings.models, options, settings.triton_header.get_secret_value()
+    )
     hub = SharingHub(backend, _store(settings), _policy(settings))
     name = infer_pb2.DESCRIPTOR.services_by_name["InferService"].full_name
     service = build_server(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.errors import InvalidArgument
@@ -50,6 +50,9 @@ class PostprocessSettings(ServiceSettings):
     extra_blocked_terms: list[str] = Field(default_factory=list)
     # Triton's gRPC address for the policy's classifier; empty = the classifier layer is off.
     triton_url: str = ""
+    # The header ('<key>=<value>') that Triton's restricted protocols require (llmmesh.common.triton_auth);
+    # empty = none sent. Never logged.
+    triton_header: SecretStr = SecretStr("")
     # How often the classifier's readiness is checked for the health status (with `triton_url`).
     health_interval_seconds: float = Field(default=1.0, gt=0)
 
@@ -83,7 +86,13 @@ def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonCl
         extra_terms=[BlockedTerm(t, "custom") for t in settings.extra_blocked_terms],
     )
     classifier = (
-        TritonClassifier(settings.triton_url, policies.current().classifier.model) if settings.triton_url else None
+        TritonClassifier(
+            settings.triton_url,
+            policies.current().classifier.model,
+            header=settings.triton_header.get_secret_value(),
+        )
+        if settings.triton_url
+        else None
     )
     models = (settings.default_model, *settings.model_aliases)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.model_assets import load_model_assets
@@ -41,6 +41,9 @@ class PreprocessSettings(ServiceSettings):
     safety_policy_path: str = ""
     # Triton's gRPC address for the policy's classifier; empty = prompts are checked without it.
     triton_url: str = ""
+    # The header ('<key>=<value>') that Triton's restricted protocols require (llmmesh.common.triton_auth);
+    # empty = none sent. Never logged.
+    triton_header: SecretStr = SecretStr("")
 
 
 def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, TritonClassifier | None]:
@@ -63,7 +66,13 @@ def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, Tr
     )
     policies = PolicyStore(settings.safety_policy_path or None)
     classifier = (
-        TritonClassifier(settings.triton_url, policies.current().classifier.model) if settings.triton_url else None
+        TritonClassifier(
+            settings.triton_url,
+            policies.current().classifier.model,
+            header=settings.triton_header.get_secret_value(),
+        )
+        if settings.triton_url
+        else None
     )
     return PreprocessServicer(preparer, policies, classifier), classifier
 

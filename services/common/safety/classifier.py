@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.common.errors import DeadlineExceeded, Unavailable
 from llmmesh.common.telemetry import client_interceptors
+from llmmesh.common.triton_auth import header_interceptors
 
 __all__ = ["Classifier", "TritonClassifier", "bytes_tensor"]
 
@@ -57,6 +58,7 @@ class TritonClassifier:
         model: str = "safety_classifier",
         timeout: float = 5.0,
         max_batch: int = 32,
+        header: str = "",
     ) -> None:
         self._url = url
         self._model = model
@@ -70,7 +72,10 @@ class TritonClassifier:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        self._channel = grpc.aio.insecure_channel(url, options=options, interceptors=client_interceptors())
+        # With `header` ('<key>=<value>', see llmmesh.common.triton_auth), every call opens Triton's restricted
+        # protocols.
+        interceptors = [*client_interceptors(), *header_interceptors(header)]
+        self._channel = grpc.aio.insecure_channel(url, options=options, interceptors=interceptors)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     @property

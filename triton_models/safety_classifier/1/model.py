@@ -3,10 +3,16 @@
 Triton's dynamic batcher hands `execute` several requests at once; the python backend does not merge
 them, so this model does: it scores the texts of all requests in one call of the scikit-learn model
 (a batch of 1,000 costs about as much as three single calls) and splits the probabilities back.
+
+Threads: the native libraries under numpy and scikit-learn (OpenBLAS, OpenMP) size their thread pools
+by the host's cores. Scoring (a sparse vectorizer and a linear model) gains nothing from them, and on a
+large host any call that used them would spread over every core: they are limited to `n_threads`
+(config, default 1) when the model loads.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -22,6 +28,12 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         # Imported here so that a missing package fails the model load with a clear error, not the stub.
         from profanity_check import predict_prob
+        from threadpoolctl import threadpool_limits
+
+        params = json.loads(args["model_config"]).get("parameters", {})
+        n_threads = max(1, int(params.get("n_threads", {}).get("string_value", "1")))
+        # Kept referenced: the limits hold for this process until they are restored.
+        self._thread_limits = threadpool_limits(limits=n_threads)
 
         self._predict = predict_prob
         self._predict(["warm up"])  # the first call builds the vectorizer's caches

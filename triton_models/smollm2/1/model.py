@@ -4,6 +4,13 @@ Each request runs on its own thread against one shared llama.cpp server (xllamac
 batch concurrent sequences. Every generated token id is sent as its own response as soon as the engine
 produces it; the last response is flagged final. A cancelled request (client gone, stop string found
 downstream) is noticed at the next token and the engine task is cancelled at once.
+
+The engine is used as a library (`handle_completions`), never over HTTP. xllamacpp nonetheless always
+starts llama.cpp's own HTTP server (an unauthenticated OpenAI-compatible API: completions, models,
+slots, metrics) and cannot run without it; by default it listens on a random loopback TCP port, where
+any local process could generate around the mesh's authentication, safety layer and admission control.
+Here it listens on a UNIX socket in a private folder (mode 0700) that is removed as soon as the engine
+has started: the socket keeps listening, but under no name that anything can connect to.
 """
 
 from __future__ import annotations
@@ -11,6 +18,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +28,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 import xllamacpp
+
+# A module next to this one (Triton imports this file as `<version>.model`, a package of its folder).
+from . import llama_contract
 
 
 def _default_gguf() -> str:
@@ -83,12 +96,11 @@ class _Stream:
         new = [int(c["id"]) for c in content if int(c["id"]) != self.end_id]
         if not new:
             return False
-        generated = self.generated
-        generated.extend(new)
+        new, stopped = llama_contract.take_until_stop(self.generated, new, self.stops)
         self.model._count_tokens(len(new))
         if self.streaming:
             self.model._send(sender, _response(new))
-        return any(len(s) <= len(generated) and tuple(generated[-len(s) :]) == s for s in self.stops)
+        return stopped
 
 
 class TritonPythonModel:
@@ -96,15 +108,20 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         n_parallel = int(params.get("n_parallel", "8"))
-        n_threads = int(params.get("n_threads", "0")) or (os.cpu_count() or 1)
+        cpus = len(os.sched_getaffinity(0))
+        n_threads = llama_contract.engine_threads(int(params.get("n_threads", "0")), cpus)
         engine = xllamacpp.CommonParams()
         engine.model.path = params.get("gguf_path") or _default_gguf()
         engine.n_parallel = n_parallel
         engine.n_ctx = n_parallel * int(params.get("n_ctx_per_sequence", "8192"))
         engine.cpuparams.n_threads = n_threads
         engine.cpuparams_batch.n_threads = n_threads
-        self._server = xllamacpp.Server(engine)
+        self._server = self._start_engine(engine)
         self._logger = pb_utils.Logger
+        self._logger.log_info(
+            f"llama.cpp engine: {n_threads} threads ({cpus} CPUs available), {n_parallel} slots, "
+            "its HTTP server on a removed private UNIX socket"
+        )
         labels = {"model": args["model_name"]}
         tokens = pb_utils.MetricFamily(
             name="llmmesh_model_generated_tokens_total",
@@ -127,6 +144,22 @@ class TritonPythonModel:
         # concurrent custom-metric updates crashed tritonserver (SIGSEGV), and concurrent sends left the
         # model impossible to unload. Every send and metric update takes this lock.
         self._ipc = threading.Lock()
+
+    @staticmethod
+    def _start_engine(engine: Any) -> Any:
+        """Starts the engine with its HTTP server where nothing can reach it (see the module's docstring)."""
+        private = tempfile.mkdtemp(prefix="llmmesh-llama-")  # mode 0700: only this user may enter
+        try:
+            # A host name ending in ".sock" makes llama.cpp listen on a UNIX socket instead of TCP.
+            engine.hostnames = [os.path.join(private, "engine.sock")]
+            engine.n_threads_http = 1
+            engine.endpoint_slots = False
+            engine.endpoint_metrics = False
+            # Never used by anyone: were the socket reached anyway, its API would refuse to generate.
+            engine.api_keys = [secrets.token_urlsafe(32)]
+            return xllamacpp.Server(engine)  # returns once the model is loaded and the server listens
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -188,7 +221,7 @@ class TritonPythonModel:
         }
         seed = pb_utils.get_input_tensor_by_name(request, "seed")
         if seed is not None:
-            body["seed"] = int(seed.as_numpy().reshape(-1)[0]) & 0xFFFFFFFF
+            body["seed"] = llama_contract.llama_seed(int(seed.as_numpy().reshape(-1)[0]))
 
         stream = _Stream(self, sender, end_id, streaming, stops)
         try:
