@@ -137,8 +137,9 @@ def _one_line(target: str, level: Level, s: dict[str, Any]) -> str:
 
     return (
         f"{target:<6} {level.label:<12} ttft p50 {p('ttft_ms', 'p50')} p99 {p('ttft_ms', 'p99')} ms | "
-        f"itl p50 {p('itl_ms', 'p50')} ms | {s['output_tokens_per_s']:.0f} tok/s | "
-        f"{s['completed']} requests, errors {s['errors'] or 0}"
+        f"itl p50 {p('itl_ms', 'p50')} ms | chunk gap p50 {p('chunk_gap_ms', 'p50')} p99 {p('chunk_gap_ms', 'p99')} "
+        f"ms | tokens/chunk {p('tokens_per_chunk', 'mean')} p99 {p('tokens_per_chunk', 'p99')} | "
+        f"{s['output_tokens_per_s']:.0f} tok/s | {s['completed']} requests, errors {s['errors'] or 0}"
     )
 
 

@@ -4,9 +4,11 @@
 Triton's `ModelStreamInfer` with the request infer would send; `InferStageClient` calls the infer
 stage alone, as the gateway does (Triton + one hop: no preprocess, postprocess or gateway). Each
 records, per request, the start, the first response that carries a token, the response that completes
-the stream, the output token count, and the failure (a gRPC status name, or INCOMPLETE / MODEL_ERROR /
-WRONG_OUTPUT), and keeps running totals of tokens and messages received, which the runner samples to
-measure steady-state throughput and how many tokens each message carried.
+the stream, the output token count, when each chunk arrived and how many tokens it carried (a chunk: a
+response that carries text on the mesh, one that carries tokens on the paths without text), and the
+failure (a gRPC status name, or INCOMPLETE / MODEL_ERROR / WRONG_OUTPUT), and keeps running totals of
+tokens and messages received, which the runner samples to measure steady-state throughput and how many
+tokens each message carried.
 
 The per-response work is kept small (no decoding, no per-token Python objects beyond what the gRPC
 library makes) so that the load generator, which shares the machine's two cores, costs little.
@@ -59,13 +61,18 @@ class _StreamClient:
         self.tokens_received = 0
         self.messages_received = 0
 
-    def _received(self, record: RequestRecord, n: int) -> None:
-        """A response carrying `n` > 0 tokens arrived now."""
-        if record.first_token is None:
-            record.first_token = perf_counter()
-        record.output_tokens += n
-        self.tokens_received += n
-        self.messages_received += 1
+    def _received(self, record: RequestRecord, n: int, chunk: bool = True) -> None:
+        """A response carrying `n` tokens arrived now; `chunk`: it counts as a chunk (see the module's doc)."""
+        now = perf_counter()
+        if chunk:
+            record.chunk_times.append(now)
+            record.chunk_tokens.append(n)
+        if n:
+            if record.first_token is None:
+                record.first_token = now
+            record.output_tokens += n
+            self.tokens_received += n
+            self.messages_received += 1
 
     async def close(self) -> None:
         await self._channel.close()
@@ -137,9 +144,10 @@ class MeshClient(_StreamClient):
         try:
             async for response in call:
                 if response.HasField("chunk"):
-                    chunk_ids = response.chunk.token_ids
-                    if chunk_ids:
-                        self._received(record, len(chunk_ids))
+                    chunk = response.chunk
+                    chunk_ids = chunk.token_ids
+                    if chunk_ids or chunk.text:
+                        self._received(record, len(chunk_ids), chunk=bool(chunk.text))
                         ids.extend(chunk_ids)
                 else:
                     record.end = perf_counter()

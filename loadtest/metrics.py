@@ -7,19 +7,37 @@
     per-stream tokens/s         = output tokens / latency                     per request
     request throughput          = completed requests / duration
 
+and, beside ITL, what the client sees of each chunk (a response that carries text on the mesh; a response
+that carries tokens on the paths without text, direct and infer):
+
+    chunk gap                   = receipt of a chunk - receipt of the previous chunk    every gap, all requests
+    tokens per chunk            = tokens a chunk carried                                every chunk, all requests
+
+ITL is an average per request: text held back and released in a burst (a safety hold, a stop-string
+tail) leaves it unchanged, while chunk gaps and tokens per chunk show the bunching.
+
 Percentiles come from an HDR histogram (microsecond resolution, 3 significant digits). Pure functions
 and plain data: the unit tests drive them with synthetic timings.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
-__all__ = ["PERCENTILES", "Distribution", "RequestRecord", "distribution", "inter_token_latency", "summarize"]
+__all__ = [
+    "PERCENTILES",
+    "Distribution",
+    "RequestRecord",
+    "chunk_gaps",
+    "distribution",
+    "inter_token_latency",
+    "summarize",
+]
 
 PERCENTILES = (50.0, 90.0, 99.0)
 # Microseconds, 1 µs to 1 hour: any latency a benchmark here can see, at 3 significant digits.
@@ -39,6 +57,9 @@ class RequestRecord:
     # (preprocess included), and its time to first token. Mesh only; they split the mesh's TTFT.
     gateway_queue: float | None = None
     gateway_ttft: float | None = None
+    # When each chunk arrived (perf_counter seconds) and how many tokens it carried, in order.
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -62,6 +83,14 @@ def inter_token_latency(record: RequestRecord) -> float | None:
     return (record.latency - record.ttft) / (record.output_tokens - 1)
 
 
+def chunk_gaps(record: RequestRecord) -> list[float]:
+    """The gaps between one request's consecutive chunks as the client received them (seconds); none for a
+    failed request."""
+    if not record.ok:
+        return []
+    return [later - earlier for earlier, later in itertools.pairwise(record.chunk_times)]
+
+
 @dataclass(frozen=True)
 class Distribution:
     """Summary of one metric in milliseconds (or tokens/s for per-stream throughput)."""
@@ -82,8 +111,9 @@ def distribution(values: Iterable[float], scale: float = 1000.0) -> Distribution
     n = 0
     total = 0.0
     for v in values:
-        # Recorded in µs of the reported unit: ms values keep 3 decimals, tokens/s values too.
-        hist.record_value(max(_LOWEST_US, min(_HIGHEST_US, round(v * scale * 1000.0))))
+        # Recorded in µs of the reported unit: ms values keep 3 decimals, tokens/s values too. Zero stays
+        # zero (a chunk of text without token ids carries 0 tokens).
+        hist.record_value(max(0, min(_HIGHEST_US, round(v * scale * 1000.0))))
         total += v * scale
         n += 1
     if n == 0:
@@ -121,6 +151,9 @@ def summarize(records: Sequence[RequestRecord], duration: float, window_tokens: 
     metrics = {
         "ttft_ms": distribution(r.ttft for r in ok),
         "itl_ms": distribution(itl for r in ok if (itl := inter_token_latency(r)) is not None),
+        "chunk_gap_ms": distribution(gap for r in ok for gap in chunk_gaps(r)),
+        # Recorded in "seconds" units so that scale=1 keeps tokens.
+        "tokens_per_chunk": distribution((n for r in ok for n in r.chunk_tokens), scale=1.0),
         "latency_ms": distribution(r.latency for r in ok),
         # tokens/s per stream: recorded in "seconds" units so that scale=1 keeps tokens/s.
         "per_stream_tokens_per_s": distribution((r.output_tokens / r.latency for r in ok if r.latency > 0), scale=1.0),

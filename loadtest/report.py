@@ -65,6 +65,36 @@ def _hops(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _chunks(results: dict[str, Any]) -> list[str]:
+    """Beside ITL (an average per request), what the client saw chunk by chunk: the gap between consecutive
+    chunks and the tokens each carried. Text held back and released in a burst shows here, not in ITL."""
+    rows = [(key, by) for key, by in by_level(results) if any(lvl.get("chunk_gap_ms") for lvl in by.values())]
+    if not rows:
+        return []
+    lines = [
+        "| load | target | ITL p50 | chunk gap p50 | chunk gap p99 | tokens/chunk mean | tokens/chunk p99 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (mode, x), by in rows:
+        label = f"c={x:g}" if mode == "closed" else f"{x:g} req/s"
+        for target, lvl in by.items():
+            cells = [
+                _fmt(_get(lvl, "itl_ms", "p50"), 3),
+                _fmt(_get(lvl, "chunk_gap_ms", "p50"), 3),
+                _fmt(_get(lvl, "chunk_gap_ms", "p99"), 3),
+                _fmt(_get(lvl, "tokens_per_chunk", "mean"), 2),
+                _fmt(_get(lvl, "tokens_per_chunk", "p99"), 0),
+            ]
+            lines.append(f"| {label} | {target} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "A chunk: a response that carries text (mesh) or tokens (direct, infer); gaps in ms between consecutive "
+        "chunks of a request, as the client received them.",
+        "",
+    ]
+    return lines
+
+
 def _errors(level: dict[str, Any] | None) -> str:
     if level is None:
         return "–"
@@ -133,6 +163,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_errors(direct)} / {_errors(mesh)} |"
         )
     lines += ["", "Milliseconds; tok/s = output tokens per second, all streams, in the measurement window.", ""]
+    lines += _chunks(results)
     lines += _hops(results)
     lines += _variant(results)
 

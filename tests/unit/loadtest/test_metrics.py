@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.metrics import RequestRecord, distribution, inter_token_latency, summarize
+from loadtest.metrics import RequestRecord, chunk_gaps, distribution, inter_token_latency, summarize
 from loadtest.procstats import ProcSample, cpu_per_1k_tokens
 
 
@@ -103,6 +103,68 @@ def test_summary_of_only_failures_has_no_latencies() -> None:
     assert summary["completed"] == 0
     assert summary["ttft_ms"] is None and summary["itl_ms"] is None
     assert summary["errors"] == {"DEADLINE_EXCEEDED": 1}
+
+
+def _chunked(start: float, ttft: float, itl: float, tokens: int, per_chunk: int) -> RequestRecord:
+    """Tokens generated every `itl` after a first one at `ttft`; the first arrives alone (so TTFT is the same
+    for every `per_chunk`), the rest `per_chunk` at a time, each chunk with its last token (`tokens` - 1 is a
+    multiple of `per_chunk`)."""
+    record = _record(start, ttft, itl, tokens)
+    record.chunk_times.append(start + ttft)
+    record.chunk_tokens.append(1)
+    for last in range(per_chunk, tokens, per_chunk):
+        record.chunk_times.append(start + ttft + itl * last)
+        record.chunk_tokens.append(per_chunk)
+    return record
+
+
+def test_chunk_gaps_are_the_differences_between_receipt_times() -> None:
+    """A request's chunk gaps are the times between its consecutive chunks; a failed request has none."""
+    record = RequestRecord(start=0.0, first_token=0.02, end=0.1, output_tokens=4)
+    record.chunk_times += [0.02, 0.03, 0.07, 0.07]
+    assert chunk_gaps(record) == pytest.approx([0.01, 0.04, 0.0])
+    record.error = "CANCELLED"
+    assert chunk_gaps(record) == []
+    assert chunk_gaps(RequestRecord(start=0.0, first_token=0.02, end=0.02, output_tokens=1)) == []
+
+
+def test_bunched_chunks_leave_itl_unchanged_but_show_in_chunk_gaps_and_tokens_per_chunk() -> None:
+    """Tokens every 10 ms delivered one per chunk or five per chunk (text held back and released together) have
+    the same ITL; the chunk gaps (10 vs 50 ms) and tokens per chunk (1 vs 5) tell them apart."""
+    smooth = summarize([_chunked(float(i), 0.02, 0.01, 101, 1) for i in range(4)], duration=10.0)
+    bunched = summarize([_chunked(float(i), 0.02, 0.01, 101, 5) for i in range(4)], duration=10.0)
+    for summary in (smooth, bunched):
+        itl = summary["itl_ms"]
+        assert isinstance(itl, dict) and itl["p50"] == pytest.approx(10.0, rel=1e-3)
+    gaps, per_chunk = smooth["chunk_gap_ms"], smooth["tokens_per_chunk"]
+    assert isinstance(gaps, dict) and isinstance(per_chunk, dict)
+    assert gaps["count"] == 4 * 100 and gaps["p50"] == pytest.approx(10.0, rel=1e-3)
+    assert per_chunk["mean"] == pytest.approx(1.0) and per_chunk["p99"] == pytest.approx(1.0, rel=1e-3)
+    gaps, per_chunk = bunched["chunk_gap_ms"], bunched["tokens_per_chunk"]
+    assert isinstance(gaps, dict) and isinstance(per_chunk, dict)
+    assert gaps["count"] == 4 * 20
+    assert gaps["p50"] == pytest.approx(50.0, rel=1e-3) and gaps["p99"] == pytest.approx(50.0, rel=1e-3)
+    assert per_chunk["mean"] == pytest.approx(101 / 21, abs=1e-3) and per_chunk["p99"] == pytest.approx(5.0, rel=1e-3)
+
+
+def test_tokens_per_chunk_counts_text_chunks_without_tokens_and_p99_finds_the_bursts() -> None:
+    """A text chunk with no token ids counts as a chunk of 0 tokens; two bursts of 12 in 100 chunks are the p99,
+    which the mean (1.21) hides."""
+    record = RequestRecord(start=0.0, first_token=0.01, end=1.0, output_tokens=121)
+    record.chunk_times += [0.01 * (i + 1) for i in range(100)]
+    record.chunk_tokens += [1] * 97 + [0, 12, 12]
+    summary = summarize([record], duration=1.0)
+    per_chunk = summary["tokens_per_chunk"]
+    assert isinstance(per_chunk, dict)
+    assert per_chunk["count"] == 100 and per_chunk["mean"] == pytest.approx(1.21)
+    assert per_chunk["p50"] == pytest.approx(1.0, rel=1e-3) and per_chunk["p99"] == pytest.approx(12.0, rel=1e-3)
+    assert per_chunk["min"] == 0.0
+
+
+def test_a_level_without_chunk_times_has_no_chunk_figures() -> None:
+    """Records that carry no chunk times (perf_analyzer's) report no chunk gaps rather than zeros."""
+    summary = summarize([_record(0.0, 0.02, 0.01, 10)], duration=1.0)
+    assert summary["chunk_gap_ms"] is None and summary["tokens_per_chunk"] is None
 
 
 def test_cpu_per_1k_tokens() -> None:

@@ -139,3 +139,24 @@ def test_report_puts_mesh_beside_direct(tmp_path: Path) -> None:
     png = plot(results, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(results)  # what `run` writes stays plain JSON
+
+
+def test_report_puts_chunk_gaps_and_tokens_per_chunk_beside_itl() -> None:
+    """Each level and target gets a row with ITL, the chunk gap's p50 and p99 and tokens per chunk: a mesh
+    whose ITL matches direct's still shows its bunched chunks there."""
+    direct, mesh = _level("direct", 1, 21.0, 10.0, 100.0), _level("mesh", 1, 22.5, 9.96, 95.0)
+    direct["chunk_gap_ms"] = {"count": 99, "mean": 10.0, "p50": 10.0, "p99": 10.2}
+    direct["tokens_per_chunk"] = {"count": 100, "mean": 1.0, "p50": 1.0, "p99": 1.0}
+    mesh["chunk_gap_ms"] = {"count": 40, "mean": 24.0, "p50": 0.05, "p99": 60.1}
+    mesh["tokens_per_chunk"] = {"count": 41, "mean": 2.44, "p50": 1.0, "p99": 7.0}
+    table = markdown({"config": {}, "levels": [direct, mesh]})
+    rows = {
+        cells[1]: cells[2:]
+        for line in table.splitlines()
+        if line.startswith("| c=1 |") and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 7
+    }
+    assert rows == {
+        "direct": ["10.000", "10.000", "10.200", "1.00", "1"],
+        "mesh": ["9.960", "0.050", "60.100", "2.44", "7"],
+    }
+    assert "chunk gap p99" in table
