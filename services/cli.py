@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -29,13 +30,23 @@ def _generate(args: argparse.Namespace) -> int:
     return stream_answer(args.address, request, args.timeout)
 
 
-def stream_answer(address: str, request: generation_pb2.GenerateRequest, timeout: float | None) -> int:
-    """Prints text as it arrives, then a summary line; returns a process exit code."""
+def stream_answer(
+    address: str,
+    request: generation_pb2.GenerateRequest,
+    timeout: float | None,
+    cancelled: Callable[[], bool] | None = None,
+) -> int:
+    """Prints text as it arrives, then a summary line; returns a process exit code.
+
+    With `cancelled`, the call is cancelled once `cancelled()` holds (polled by a thread of its own)."""
     names = generation_pb2.FinishReason.Name
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        call = stub.Generate(request, timeout=timeout)
+        if cancelled is not None:
+            threading.Thread(target=_cancel_when, args=(call, cancelled), daemon=True).start()
         try:
-            for response in stub.Generate(request, timeout=timeout):
+            for response in call:
                 if response.HasField("chunk"):
                     sys.stdout.write(response.chunk.text)
                     sys.stdout.flush()
@@ -54,8 +65,16 @@ def stream_answer(address: str, request: generation_pb2.GenerateRequest, timeout
     return 0
 
 
+def _cancel_when(call: grpc.Future, cancelled: Callable[[], bool]) -> None:
+    while not call.done():
+        if cancelled():
+            call.cancel()
+            return
+        time.sleep(0.1)
+
+
 def _up(args: argparse.Namespace) -> int:
-    from llmmesh.launcher import Mesh, MeshPorts
+    from llmmesh.launcher import Mesh, MeshPorts, StartCancelled
 
     ports = MeshPorts.free() if args.free_ports else MeshPorts.from_gateway(args.port)
     endpoint = args.otlp_endpoint.rstrip("/")
@@ -66,13 +85,20 @@ def _up(args: argparse.Namespace) -> int:
         triton_trace_url=f"{endpoint}/v1/traces" if endpoint else "",
         in_gateway=tuple(args.in_gateway),
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # The handler only records the signal: anything that takes a lock (threading.Event.set) can deadlock
+    # when the handler runs inside that lock's owner in the main thread. The loops below poll the record.
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
     print(f"starting Triton and {', '.join(mesh.services)} (logs in {mesh.log_dir}/) ...", file=sys.stderr)
     started = time.monotonic()
     try:
-        mesh.start()
+        mesh.start(cancelled=lambda: bool(received))
+    except StartCancelled:
+        # Mesh.start stopped what it had started.
+        print(f"{signal.Signals(received[0]).name} while starting: stopped everything", file=sys.stderr)
+        return 128 + received[0]
+    try:
         print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         assert mesh.triton is not None
         print(f"  triton       grpc {mesh.triton.grpc_url}  http {mesh.triton.http_url}", file=sys.stderr)
@@ -93,14 +119,14 @@ def _up(args: argparse.Namespace) -> int:
             request = generation_pb2.GenerateRequest(
                 prompt=prompt, sampling=generation_pb2.SamplingParams(temperature=0.0, max_tokens=96)
             )
-            stream_answer(mesh.address("gateway"), request, timeout=120)
-        if args.exit_after_demo:
+            stream_answer(mesh.address("gateway"), request, timeout=120, cancelled=lambda: bool(received))
+        if args.exit_after_demo or received:
             return 0
         print("\nserving; Ctrl-C stops everything", file=sys.stderr)
         # Wake up now and then: a signal delivered to one of grpc's threads only runs its Python
         # handler when the main thread next executes bytecode.
-        while not stop.wait(0.2):
-            pass
+        while not received:
+            time.sleep(0.2)
         return 0
     finally:
         codes = mesh.stop()

@@ -2,6 +2,8 @@
 
 `llmmesh up` and the end-to-end tests both use `Mesh`. Processes are started in dependency order and
 stopped in reverse (gateway first, so no new work reaches the stages, Triton last), each by its PID.
+Nothing outlives the launcher however it dies: each service drains and exits once its parent is gone
+(LLMMESH_PARENT_PID), and Triton's watchdog stops Triton's process group (see `llmmesh.infer.triton_server`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.common.tls import client_credentials
 from llmmesh.common.triton_auth import new_header, triton_args
-from llmmesh.infer.triton_server import TritonServer, repository_root
+from llmmesh.infer.triton_server import StartCancelled, TritonServer, repository_root
 
-__all__ = ["SERVICES", "Mesh", "MeshPorts", "free_port"]
+__all__ = ["SERVICES", "Mesh", "MeshPorts", "StartCancelled", "free_port"]
 
 SERVICES = ("preprocess", "infer", "postprocess", "gateway")
 # The gateway's API key settings (without their LLMMESH_GATEWAY_ prefix): either one set = keys required.
@@ -215,8 +217,12 @@ class Mesh:
         self.triton.start()
         self.triton.wait_ready(timeout)
 
-    def start(self, timeout: float = 180.0) -> None:
-        """Starts everything and returns once Triton is ready and every service reports SERVING."""
+    def start(self, timeout: float = 180.0, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Starts everything and returns once Triton is ready and every service reports SERVING.
+
+        Checks `cancelled()` while it waits (a signal handler's flag): once it holds, stops what it started
+        and raises `StartCancelled`. On any error it stops everything too.
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.triton = TritonServer(
             grpc_port=self.ports.triton_grpc,
@@ -230,21 +236,30 @@ class Mesh:
             extra_args=tuple(triton_args(self.triton_header)),
         )
         try:
+            if cancelled():
+                raise StartCancelled("cancelled before the start")
             self.triton.start()
             for name in self.services:
                 self.start_service(name)
-            self.triton.wait_ready(timeout)
-            self.wait_serving(self.services, timeout)
+            self.triton.wait_ready(timeout, cancelled)
+            self.wait_serving(self.services, timeout, cancelled)
         except BaseException:
             self.stop()
             raise
 
-    def wait_serving(self, services: tuple[str, ...] | None = None, timeout: float = 60.0) -> None:
+    def wait_serving(
+        self,
+        services: tuple[str, ...] | None = None,
+        timeout: float = 60.0,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
         deadline = time.monotonic() + timeout
         pending = list(self.services if services is None else services)
         credentials = self.probe_credentials()
         while pending:
             for name in list(pending):
+                if cancelled():
+                    raise StartCancelled(f"cancelled while waiting for {', '.join(pending)}")
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")

@@ -2,6 +2,11 @@
 
 Used by `llmmesh up` and by the end-to-end tests. On a GPU host Triton runs from its NGC image
 instead (deploy/), and infer only needs its address.
+
+Triton runs in a process group of its own (terminal Ctrl-C reaches only the launcher, which stops it in
+order), together with a small watchdog (`python -m llmmesh.infer.triton_server --watchdog FD`): when the
+process that started Triton dies, however it dies, the watchdog's pipe reads end-of-file and it stops the
+whole group (tritonserver and its python stubs) and removes their shared memory.
 """
 
 from __future__ import annotations
@@ -17,16 +22,25 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-__all__ = ["TritonServer", "TritonStartError", "repository_root"]
+__all__ = ["StartCancelled", "TritonServer", "TritonStartError", "remove_orphaned_shm", "repository_root"]
 
+_SHM_DIR = Path("/dev/shm")
 _SHM_GLOB = "triton_python_backend_shm_region_*"
+# After its launcher died: how long the watchdog lets Triton exit on SIGTERM before it SIGKILLs the group.
+_WATCHDOG_GRACE_SECONDS = 5.0
 
 
 class TritonStartError(RuntimeError):
     """Triton did not become ready; the message holds the tail of its log."""
+
+
+class StartCancelled(Exception):
+    """A start gave up, having stopped what it started, because its `cancelled()` turned true (Ctrl-C)."""
 
 
 def repository_root() -> Path:
@@ -40,13 +54,14 @@ def _pytriton_root() -> Path:
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
-def _maps_in_use() -> set[str]:
-    """Paths under /dev/shm mapped by any live process (so we never delete another server's region)."""
+def _maps_in_use(directory: Path = _SHM_DIR) -> set[str]:
+    """Paths in `directory` mapped by any live process (so we never delete another server's region)."""
+    prefix = f"{directory}/"
     used: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         with contextlib.suppress(OSError):
             for line in maps.read_text().splitlines():
-                if "/dev/shm/" in line:
+                if prefix in line:
                     used.add(line.split(None, 5)[-1])
     return used
 
@@ -61,16 +76,56 @@ def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def remove_orphaned_shm() -> list[str]:
-    """Removes python-backend shared-memory regions that no live process maps (left by a killed stub)."""
-    in_use = _maps_in_use()
+def remove_orphaned_shm(directory: Path = _SHM_DIR) -> list[str]:
+    """Removes python-backend shared-memory regions that no live process maps (left by a killed stub or a
+    dead mesh); returns their paths."""
+    in_use = _maps_in_use(directory)
     removed = []
-    for path in Path("/dev/shm").glob(_SHM_GLOB):
+    for path in directory.glob(_SHM_GLOB):
         if str(path) not in in_use:
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(str(path))
     return removed
+
+
+def _group_members(pgid: int) -> set[int]:
+    """The live (not zombie) processes of process group `pgid`."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state != "Z":
+                members.add(int(stat.parent.name))
+    return members
+
+
+def _watch_launcher(fd: int, grace: float = _WATCHDOG_GRACE_SECONDS) -> None:
+    """Waits for end-of-file on `fd` (its launcher died or let go), then stops the rest of its process group.
+
+    It is a member of Triton's group, so the group's id cannot be reused while it runs; it ignores the
+    SIGTERM that an orderly stop sends the group and dies by the SIGKILL that follows.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while os.read(fd, 512):
+        pass
+    me, pgid = os.getpid(), os.getpgrp()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (others := _group_members(pgid) - {me}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Not killpg: that would end this process before it removes the shared memory.
+    deadline = time.monotonic() + grace
+    while others and time.monotonic() < deadline:
+        for pid in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+        others = _group_members(pgid) - {me}
+    remove_orphaned_shm()
 
 
 @dataclass
@@ -89,6 +144,9 @@ class TritonServer:
     trace_url: str = ""
     trace_rate: int = 1
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _watchdog: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    # Our end of the watchdog's pipe: held open while we live, never written.
+    _watchdog_fd: int | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
 
     @property
@@ -168,8 +226,11 @@ class TritonServer:
         ]
 
     def start(self) -> None:
+        """Starts tritonserver and its watchdog in a new process group; returns at once (see `wait_ready`)."""
         if self._proc is not None:
             raise RuntimeError("Triton already started")
+        # A mesh that died without stopping (SIGKILL, out of memory) may have left regions behind.
+        remove_orphaned_shm()
         self._workdir = Path(tempfile.mkdtemp(prefix="llmmesh-triton-"))
         backend_dir = self._backend_dir(self._workdir)
         log_path = self.log_path or self._workdir / "triton.log"
@@ -182,10 +243,36 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C in a terminal reaches us, not Triton; we stop it in order
+                # Ctrl-C in a terminal reaches us, not Triton; we stop it in order. A group in our
+                # session, not a session of its own, so that the watchdog can join it.
+                process_group=0,
             )
+            self._start_watchdog(self._proc.pid, log)
+        except BaseException:
+            self.stop()
+            raise
         finally:
             log.close()
+
+    def _start_watchdog(self, pgid: int, log: IO[bytes]) -> None:
+        # No prctl(PR_SET_PDEATHSIG) between fork and exec: that needs Python code in the child, unsafe in a
+        # parent whose gRPC threads run (and the signal would follow the forking thread, not the process).
+        read_fd, write_fd = os.pipe()  # not inheritable: no other child holds our end
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "llmmesh.infer.triton_server", "--watchdog", str(read_fd)],
+                pass_fds=(read_fd,),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                process_group=pgid,
+            )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        self._watchdog_fd = write_fd
 
     def _get(self, path: str) -> int:
         try:
@@ -201,9 +288,12 @@ class TritonServer:
             self._get(f"/v2/models/{m}/ready") == 200 for m in self.models
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 120.0, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Returns once Triton and every model are ready; raises `StartCancelled` once `cancelled()` holds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if cancelled():
+                raise StartCancelled("Triton's start was cancelled")
             if self._proc is None or self._proc.poll() is not None:
                 raise TritonStartError(f"tritonserver exited early:\n{self.log_tail()}")
             if self.is_ready():
@@ -236,10 +326,16 @@ class TritonServer:
                     proc.kill()
                     proc.wait()
             code = proc.returncode
-            # The server is gone; its python stubs (same process group) must not outlive it.
+            # The server is gone; its python stubs and the watchdog (same process group) must not outlive it.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            if self._watchdog is not None:
+                self._watchdog.wait()  # reaped, so that the group is gone
             _wait_group_gone(proc.pid)
+        self._watchdog = None
+        if self._watchdog_fd is not None:
+            os.close(self._watchdog_fd)
+            self._watchdog_fd = None
         remove_orphaned_shm()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -253,3 +349,7 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--watchdog"]:
+    _watch_launcher(int(sys.argv[2]))

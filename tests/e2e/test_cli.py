@@ -62,7 +62,7 @@ def test_up_streams_a_demo_answer_and_ctrl_c_stops_everything(tmp_path: Path) ->
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            # SIGTERM first: `llmmesh up` then stops Triton too (a SIGKILL would orphan it).
+            # SIGTERM first, for an orderly stop (after a SIGKILL the watchdogs would clean up).
             proc.terminate()
             try:
                 proc.wait(60)
