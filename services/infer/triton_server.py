@@ -185,6 +185,9 @@ class TritonServer:
         # The stub takes `python` from PATH: it must be this (virtual environment's) interpreter.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env.setdefault("HF_HUB_OFFLINE", "1")
+        # numpy's OpenBLAS starts one idle thread per host core in every python stub when it loads, before
+        # a model's code runs; the models bound their own threads (config.pbtxt `n_threads`).
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
         return env
 
     def command(self, backend_dir: Path) -> list[str]:
