@@ -148,6 +148,7 @@ class TritonServer:
     # Our end of the watchdog's pipe: held open while we live, never written.
     _watchdog_fd: int | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
+    _own_log: bool = field(default=False, init=False, repr=False)
 
     @property
     def grpc_url(self) -> str:
@@ -236,8 +237,12 @@ class TritonServer:
         remove_orphaned_shm()
         self._workdir = Path(tempfile.mkdtemp(prefix="llmmesh-triton-"))
         backend_dir = self._backend_dir(self._workdir)
-        log_path = self.log_path or self._workdir / "triton.log"
-        self.log_path = log_path
+        # A log of our own choosing lives in the work folder, which stop() removes: a restart opens a new one
+        # there rather than reusing a path inside the removed folder.
+        if self.log_path is None or self._own_log:
+            self.log_path = self._workdir / "triton.log"
+            self._own_log = True
+        log_path = self.log_path
         log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed by the OS at exit
         try:
             self._proc = subprocess.Popen(

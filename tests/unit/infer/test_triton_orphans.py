@@ -125,3 +125,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_a_server_with_its_own_log_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a log path the log lives in the work folder that stop() removes: a second start makes a new one."""
+    monkeypatch.setattr(triton_server, "remove_orphaned_shm", list)
+    monkeypatch.setattr(triton_server.TritonServer, "command", lambda self, backend_dir: ["sleep", "60"])
+    server = triton_server.TritonServer(0, 0, 0)
+    for _ in range(2):
+        server.start()
+        try:
+            assert server.log_path is not None and server.log_path.parent.is_dir()
+        finally:
+            server.stop()
