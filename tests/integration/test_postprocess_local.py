@@ -178,7 +178,8 @@ async def test_cancel_between_reads_closes_the_servicer_and_calls_back(
 async def test_deadline_ends_the_call_with_deadline_exceeded(servicer: PostprocessServicer) -> None:
     call = LocalPostprocessStub(servicer).Process(timeout=0.05)
     await call.write(start())
-    assert 0.0 <= (call.time_remaining() or 0.0) <= 0.05
+    remaining = call.time_remaining()
+    assert remaining is not None and 0.0 <= remaining <= 0.05
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call.read()  # no tokens ever come
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
