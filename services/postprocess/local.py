@@ -44,10 +44,10 @@ class LocalProcessCall(grpc.aio.StreamStreamCall):
         # One timer per call (not one per read: that would cost a timer per token).
         self._timer = None if self._deadline is None else self._loop.call_at(self._deadline, self._expire)
         self._requests: asyncio.Queue[Any] = asyncio.Queue()
-        # The servicer never looks at its context.
+        # The servicer asks its context only for the time that remains (the classifier's deadline): this call knows.
         self._responses = cast(
             AsyncGenerator[postprocess_pb2.ProcessResponse, None],
-            servicer.Process(self._incoming(), cast(grpc.aio.ServicerContext, None)),
+            servicer.Process(self._incoming(), cast(grpc.aio.ServicerContext, self)),
         )
         self._half_closed = False
         self._reading = False

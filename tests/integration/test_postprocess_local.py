@@ -201,7 +201,7 @@ async def test_writes_after_the_end_fail_as_grpc_calls_do(assets: ModelAssets, s
 
 
 async def test_an_unexpected_servicer_error_is_internal_without_its_message() -> None:
-    def broken(_: Any) -> Any:
+    def broken(_start: Any, _deadline: float | None) -> Any:
         raise RuntimeError("secret detail that must not reach the client")
 
     call = LocalPostprocessStub(PostprocessServicer(broken)).Process(timeout=10)
