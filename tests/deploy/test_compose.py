@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from llmmesh.common.safety import load_policy
+
 from .deployfiles import (
     COMPOSE_CPU,
     COMPOSE_GPU,
@@ -92,17 +94,20 @@ def test_gpu_triton_is_ngc_trtllm_image_pinned_with_the_template() -> None:
     assert f"tritonserver:{match.group(1)}-trtllm-python-py3" in template
     assert triton["runtime"] == "nvidia" and triton["environment"]["NVIDIA_VISIBLE_DEVICES"]
     assert flag_values(triton["command"], "--model-repository") == ["/models/repository"]
+    # The whole repository is loaded, so the `safety_classifier` the operator puts there is served too.
+    assert not flag_values(triton["command"], "--model-control-mode") + flag_values(triton["command"], "--load-model")
 
 
 def test_cpu_override_replaces_the_triton_image_and_command() -> None:
-    """The CPU variant runs our triton-cpu image on Docker's default runtime, loading only the CPU model."""
+    """The CPU variant runs our triton-cpu image on Docker's default runtime, loading only the CPU model and
+    the safety classifier."""
     triton = CPU["services"]["triton"]
     assert triton["image"].startswith("llmmesh/triton-cpu:")
     assert triton["build"]["target"] == "triton-cpu"
     assert triton["runtime"] == "runc" and triton["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert triton["command"][0] == "tritonserver"
     assert flag_values(triton["command"], "--model-control-mode") == ["explicit"]
-    assert flag_values(triton["command"], "--load-model") == ["smollm2"]
+    assert flag_values(triton["command"], "--load-model") == ["smollm2", "safety_classifier"]
     assert flag_values(triton["command"], "--allow-gpu-metrics") == ["false"]
     models = [v for v in triton["volumes"] if volume_target(v) == "/models"]
     assert models == ["../triton_models:/models:ro"], "the CPU models must replace the GPU model directory"
@@ -141,6 +146,8 @@ def test_start_order_is_health_gated(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services["gateway"]["depends_on"]) == {"preprocess", "infer", "postprocess"}
     assert set(services["infer"]["depends_on"]) == {"triton", "redis"}
+    # Both call Triton's safety classifier; postprocess is not SERVING before Triton serves it.
+    assert set(services["preprocess"]["depends_on"]) == set(services["postprocess"]["depends_on"]) == {"triton"}
     for name, service in services.items():
         for dep, how in service.get("depends_on", {}).items():
             assert how == {"condition": "service_healthy"}, f"{name} -> {dep}: {how}"
@@ -182,8 +189,31 @@ def test_stages_are_addressed_by_service_name_and_port(compose: dict[str, Any]) 
     for stage in ("preprocess", "infer", "postprocess"):
         port = _env(compose, stage)[f"LLMMESH_{stage.upper()}_PORT"]
         assert gateway[f"LLMMESH_GATEWAY_{stage.upper()}_URL"] == f"{stage}:{port}"
-    triton = compose["services"]["triton"]["command"]
-    assert _env(compose, "infer")["LLMMESH_INFER_TRITON_URL"] == f"triton:{flag_values(triton, '--grpc-port')[0]}"
+    triton = f"triton:{flag_values(compose['services']['triton']['command'], '--grpc-port')[0]}"
+    assert _env(compose, "infer")["LLMMESH_INFER_TRITON_URL"] == triton
+
+
+@VARIANTS
+def test_preprocess_and_postprocess_reach_the_safety_classifier_in_triton(compose: dict[str, Any]) -> None:
+    """The shipped policy enables the classifier, so both stages that run it are given Triton's gRPC address
+    (without it the layer is silently off)."""
+    assert load_policy().classifier.enabled
+    grpc_port = flag_values(compose["services"]["triton"]["command"], "--grpc-port")[0]
+    for stage in ("preprocess", "postprocess"):
+        assert _env(compose, stage)[f"LLMMESH_{stage.upper()}_TRITON_URL"] == f"triton:{grpc_port}", stage
+
+
+def test_cpu_triton_serves_the_classifier_the_shipped_policy_names() -> None:
+    """The CPU Triton loads the policy's classifier model from the repository it mounts (postprocess is
+    NOT_SERVING without it)."""
+    model = load_policy().classifier.model
+    triton = CPU["services"]["triton"]
+    assert model in flag_values(triton["command"], "--load-model")
+    (repository,) = flag_values(triton["command"], "--model-repository")
+    (mounted,) = [str(v).split(":")[0] for v in triton["volumes"] if volume_target(v) == repository]
+    config = (DEPLOY / mounted / model / "config.pbtxt").read_text()
+    assert re.search(rf'^name: "{model}"$', config, re.MULTILINE)
+    assert (DEPLOY / mounted / model / "1" / "model.py").is_file()
 
 
 @VARIANTS

@@ -2,9 +2,9 @@
 
 `processes`: each service of deploy/docker-compose.yml + docker-compose.cpu.yml starts as a local process
 with the environment its image and the compose file give it (compose hostnames and container ports
-mapped to free loopback ports), in compose's health-gated order, next to the real Triton serving the model
-compose loads, with the trace flags compose gives it. `docker`: the same checks against `docker compose up`,
-when a Docker engine answers.
+mapped to free loopback ports), in compose's health-gated order, next to the real Triton serving the models
+compose loads (SmolLM2 and the safety classifier), with the trace flags compose gives it. `docker`: the same
+checks against `docker compose up`, when a Docker engine answers.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import pytest
 
+from llmmesh.common.safety import load_policy
 from llmmesh.healthcheck import check
 from llmmesh.infer.triton_server import TritonServer
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
@@ -488,6 +489,70 @@ def test_traces_reach_the_collector_endpoint(topology: Any, gateway: Any) -> Non
     while not wanted <= topology.sink.services and time.monotonic() < deadline:
         time.sleep(0.2)
     assert wanted <= topology.sink.services
+
+
+def _classifier_requests(triton: TritonServer, model: str) -> int:
+    """Requests Triton's `model` has answered successfully (its statistics)."""
+    with urllib.request.urlopen(f"{triton.http_url}/v2/models/{model}/stats", timeout=5) as resp:
+        return int(json.load(resp)["model_stats"][0]["inference_stats"]["success"]["count"])
+
+
+def _repository(triton: TritonServer, model: str, action: str) -> None:
+    """Loads or unloads `model` through Triton's model repository API (compose runs it with explicit control)."""
+    request = urllib.request.Request(
+        f"{triton.http_url}/v2/repository/models/{model}/{action}", data=b"{}", method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        assert reply.status == 200
+
+
+def _health_until(address: str, status: str, timeout: float = 30.0) -> str:
+    """Polls the server's overall health until it reads `status` or `timeout` passes; returns the last read."""
+    deadline = time.monotonic() + timeout
+    while (now := check(address, timeout=1.0)) != status and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
+def test_a_prompt_only_the_classifier_flags_is_refused(topology: Any, gateway: Any) -> None:
+    """Compose gives preprocess Triton's address and Triton serves the classifier: an insult that no blocklist
+    term matches ends at once with CONTENT_FILTER in the classifier's category."""
+    policy = load_policy()
+    assert policy.classifier.enabled and policy.classifier.check_prompts
+    text, ids, final = _generate(gateway, "You are a stupid idiot.", temperature=0.0, max_tokens=8)
+    assert (text, ids) == ("", [])
+    assert final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
+    assert final.filter_category == policy.classifier.category
+
+
+def test_the_classifier_checks_prompts_and_responses(topology: Any, gateway: Any) -> None:
+    """A plain answer costs the classifier its prompt check (preprocess) and at least one response check
+    (postprocess), counted by Triton itself."""
+    if topology.kind != "processes":
+        pytest.skip("Triton's HTTP port is not published in the docker variant")
+    model = load_policy().classifier.model
+    before = _classifier_requests(topology.triton, model)
+    text, _, _ = _generate(gateway, f"What is the capital of France? ({uuid.uuid4().hex[:6]})", max_tokens=24)
+    assert text
+    assert _classifier_requests(topology.triton, model) - before >= 2
+
+
+def test_postprocess_serves_only_while_triton_serves_the_classifier(topology: Any) -> None:
+    """Postprocess is SERVING with the classifier loaded; unloaded, it turns NOT_SERVING (the policy needs
+    it), and SERVING again once Triton loads it back, without a restart."""
+    if topology.kind != "processes":
+        pytest.skip("Triton's and postprocess's ports are not published in the docker variant")
+    model = load_policy().classifier.model
+    address = topology.address("postprocess")
+    assert check(address) == "SERVING"
+    try:
+        _repository(topology.triton, model, "unload")
+        assert _health_until(address, "NOT_SERVING") == "NOT_SERVING"
+    finally:
+        _repository(topology.triton, model, "load")
+    assert _health_until(address, "SERVING") == "SERVING"
+    # The later tests get the topology as they found it.
+    assert _health_until(topology.gateway, "SERVING") == "SERVING"
 
 
 def test_liveness_probe_name_is_served(topology: Any) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from llmmesh.common.safety import load_policy
+
 from .deployfiles import (
     COMPOSE_GPU,
     K8S,
@@ -169,6 +171,18 @@ def test_stages_behind_headless_services_for_client_side_balancing() -> None:
     assert container_env(DEPLOYMENTS["infer"])["LLMMESH_INFER_TRITON_URL"] == f"dns:///triton:{triton_port}"
 
 
+def test_preprocess_and_postprocess_reach_the_safety_classifier_through_tritons_service() -> None:
+    """The shipped policy enables the classifier: both stages that run it get Triton's headless Service on the
+    port Triton serves gRPC on, as infer does (without it the layer is silently off)."""
+    assert load_policy().classifier.enabled
+    service_port = next(p for p in k8s_find("Service", "triton")["spec"]["ports"] if p["name"] == "grpc")
+    assert service_port["port"] == container_port(DEPLOYMENTS["triton"], "grpc")
+    assert "--grpc-port=8001" in container(DEPLOYMENTS["triton"])["args"]
+    for stage in ("preprocess", "postprocess"):
+        url = container_env(DEPLOYMENTS[stage])[f"LLMMESH_{stage.upper()}_TRITON_URL"]
+        assert url == f"dns:///triton:{service_port['port']}", stage
+
+
 def test_pods_run_unprivileged() -> None:
     """Every pod runs as a non-root user without privilege escalation."""
     for doc in k8s_documents():
@@ -188,14 +202,17 @@ def test_redis_holds_the_shared_dedup_state() -> None:
 
 
 def test_model_repository_is_shared_and_read_only_for_triton() -> None:
-    """Triton mounts the model repository claim read-only at /models and reads /models/repository."""
+    """Triton mounts the model repository claim read-only at /models and reads /models/repository, all of it
+    (no explicit model control: the safety classifier placed there is loaded with the engine)."""
     pod = _pod("triton")
     volume = next(v for v in pod["volumes"] if v["name"] == "models")
     assert volume["persistentVolumeClaim"] == {"claimName": "llmmesh-models", "readOnly": True}
     k8s_find("PersistentVolumeClaim", "llmmesh-models")
     mount = next(m for m in container(DEPLOYMENTS["triton"])["volumeMounts"] if m["name"] == "models")
     assert mount == {"name": "models", "mountPath": "/models", "readOnly": True}
-    assert "--model-repository=/models/repository" in container(DEPLOYMENTS["triton"])["args"]
+    args = container(DEPLOYMENTS["triton"])["args"]
+    assert [a for a in args if a.startswith("--model-repository=")] == ["--model-repository=/models/repository"]
+    assert not any(a.startswith(("--model-control-mode=", "--load-model=")) for a in args)
 
 
 def test_images_match_the_compose_deployment() -> None:
