@@ -36,11 +36,10 @@ test: sysdeps lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests loadtest triton_models deploy
-	mkdir -p build/typecheck && ln -sfn ../../services build/typecheck/llmmesh
 	$(VENV)/bin/mypy
 
 protos: $(STAMP)
 	$(VENV)/bin/python setup.py -q build_protos
 
 clean:
-	rm -rf $(VENV) build services/v1 services/stages .llmmesh
+	rm -rf $(VENV) build services/llmmesh/v1 services/llmmesh/stages .llmmesh

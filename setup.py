@@ -1,7 +1,8 @@
 """Generates the gRPC stubs (and .pyi type stubs) from protos/ before the package is built.
 
-The stubs land in the source tree at services/v1/ and services/stages/ (the `llmmesh.v1` and
-`llmmesh.stages.v1` packages), which git ignores: they are never committed or edited by hand.
+The stubs land in their own packages of the source root, services/llmmesh/v1/ and services/llmmesh/stages/
+(`llmmesh.v1` and `llmmesh.stages.v1`: generated modules only, no hand-written module among them), which git
+ignores: they are never committed or edited by hand.
 Run `python setup.py build_protos` to regenerate them in place without reinstalling.
 """
 
@@ -13,7 +14,8 @@ from setuptools import Command, find_packages, setup
 
 ROOT = Path(__file__).parent
 PROTOS = ROOT / "protos"
-OUT = ROOT / "services"
+SRC = ROOT / "services"  # the source root, as src/ elsewhere: the package lives in services/llmmesh/
+OUT = SRC / "llmmesh"
 
 
 def generate() -> None:
@@ -22,7 +24,6 @@ def generate() -> None:
 
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    # protos/llmmesh/... maps onto services/... because the package `llmmesh` lives in services/.
     staging = ROOT / "build" / "protos"
     staging.mkdir(parents=True, exist_ok=True)
     code = protoc.main(
@@ -63,7 +64,7 @@ class BuildProtos(Command):
 def packages() -> list[str]:
     # The stubs must exist before setuptools lists the packages, so generate them first.
     generate()
-    return ["llmmesh", *(f"llmmesh.{name}" for name in find_packages(str(OUT)))]
+    return find_packages(str(SRC))
 
 
 setup(packages=packages(), cmdclass={"build_protos": BuildProtos})

@@ -255,7 +255,7 @@ def _sequence(args: argparse.Namespace) -> int:
 
 
 def _variant(args: argparse.Namespace) -> int:
-    """A patched copy of services/ (as package `llmmesh`) for `run --variant`; this checkout stays as it is."""
+    """A patched copy of the source root services/ for `run --variant`; this checkout stays as it is."""
     import shutil
     import subprocess
 
@@ -264,8 +264,9 @@ def _variant(args: argparse.Namespace) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copytree(services, out / "llmmesh", ignore=shutil.ignore_patterns("__pycache__"))
-    (out / "services").symlink_to("llmmesh")  # the patch names services/...; PYTHONPATH finds llmmesh/
+    shutil.copytree(services / "llmmesh", out / "llmmesh", ignore=shutil.ignore_patterns("__pycache__"))
+    # The patch names services/llmmesh/...; PYTHONPATH=out finds out/llmmesh/.
+    (out / "services").symlink_to(".")
     subprocess.run(["patch", "-p1", "-s", "-d", str(out), "-i", str(args.patch.resolve())], check=True)
     print(f"{out}  (run: python -m loadtest run --variant {out})")
     return 0
@@ -305,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--direct", "--triton", dest="direct", help="a running Triton's gRPC address (host:port)")
     run.add_argument(
         "--variant", type=Path,
-        help="a folder holding a patched copy of services/ named llmmesh/: a second mesh runs it (target variant)",
+        help="a folder holding a patched copy of services/llmmesh/ as llmmesh/: a second mesh runs it (target variant)",
     )  # fmt: skip
     run.add_argument(
         "--in-gateway", nargs="+", choices=("preprocess", "postprocess"), default=[], metavar="STAGE",

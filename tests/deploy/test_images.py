@@ -95,7 +95,7 @@ def test_build_context_excludes_generated_stubs() -> None:
     included = {line[1:] for line in lines if line.startswith("!")}
     assert {"pyproject.toml", "setup.py", "README.md", "protos", "services"} <= included
     assert {"triton_models/smollm2", "triton_models/safety_classifier"} <= included
-    assert {"services/v1", "services/stages"} <= set(lines)
+    assert {"services/llmmesh/v1", "services/llmmesh/stages"} <= set(lines)
 
 
 def test_service_images_leave_out_what_only_triton_runs() -> None:

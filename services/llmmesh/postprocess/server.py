@@ -44,7 +44,7 @@ class PostprocessSettings(ServiceSettings):
     # More model names with the same vocabulary (see preprocess's MODEL_ALIASES). JSON list.
     model_aliases: list[str] = Field(default_factory=list)
     gguf_path: str = ""
-    # The safety policy file (YAML); empty = services/common/safety/policies/default.yaml. Reloaded on change.
+    # The safety policy file (YAML); empty = services/llmmesh/common/safety/policies/default.yaml. Reloaded on change.
     safety_policy_path: str = ""
     # More blocked terms (category "custom"), JSON list in the environment.
     extra_blocked_terms: list[str] = Field(default_factory=list)

@@ -84,7 +84,7 @@ CACHE_LOOKUPS = Counter("llmmesh_cache_lookups", "Result cache lookups of sharea
 CACHE_BYTES = Gauge("llmmesh_cache_bytes", "Bytes held by the in-process result cache")
 CACHE_BYTES_WRITTEN = Counter("llmmesh_cache_written_bytes", "Bytes written to the shared (Redis) result cache")
 
-# Gateway: admission control (services/gateway/admission.py).
+# Gateway: admission control (services/llmmesh/gateway/admission.py).
 ADMISSION_QUEUE_DEPTH = Gauge(
     "llmmesh_admission_queue_depth", "Requests waiting for an in-flight slot, by priority", ["priority"]
 )

@@ -36,7 +36,7 @@ class ServiceSettings(BaseSettings):
     # Share of new traces recorded; a request that arrives with a sampled parent is always recorded.
     trace_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
-    # TLS (see services/common/tls.py): PEM files; all empty = plaintext. This service's certificate serves
+    # TLS (see services/llmmesh/common/tls.py): PEM files; all empty = plaintext. This service's certificate serves
     # its port and is also presented as client certificate on its outgoing channels.
     tls_cert_file: str = ""
     tls_key_file: str = ""

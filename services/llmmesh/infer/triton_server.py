@@ -45,7 +45,7 @@ class StartCancelled(Exception):
 
 def repository_root() -> Path:
     """The `triton_models/` folder of this checkout (override with LLMMESH_TRITON_MODEL_REPOSITORY)."""
-    return Path(__file__).resolve().parents[2] / "triton_models"
+    return Path(__file__).resolve().parents[3] / "triton_models"
 
 
 def _pytriton_root() -> Path:
