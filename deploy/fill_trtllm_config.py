@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-dir", required=True, help="engine folder (trtllm-build --output_dir)")
     p.add_argument("--tokenizer-dir", required=True, help="the model's Hugging Face tokenizer folder")
     p.add_argument("--max-batch-size", type=_positive, required=True, help="at most trtllm-build's --max_batch_size")
-    p.add_argument("--model-name", default="tensorrt_llm", help="Triton model name (LLMMESH_INFER_MODELS routes to it)")
+    p.add_argument("--model-name", default="tensorrt_llm", help="Triton model name (a registry's triton_model)")
     p.add_argument("--repository", type=Path, default=REPOSITORY, help=f"where to write (default {REPOSITORY})")
     p.add_argument("--template", type=Path, default=TEMPLATE, help=argparse.SUPPRESS)
     p.add_argument("--kv-cache-free-gpu-mem-fraction", type=_fraction, default=0.9)

@@ -11,7 +11,6 @@ without it the mesh's classifier layer is off, and the blocklist and PII layers 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from llmmesh.common.registry import registry_file
 from llmmesh.common.safety import DEFAULT_POLICY_PATH
 from llmmesh.infer.triton_server import TritonServer, repository_root
 from llmmesh.launcher import Mesh, MeshPorts
@@ -95,7 +95,8 @@ def running_mesh(
         models = (INSTRUMENT, CLASSIFIER) if classifier else (INSTRUMENT,)
         # Dedup off unless asked for: the workloads repeat a few greedy prompts, and cache hits would measure
         # the result cache instead of what a generation costs in the mesh (dedup_bench.py turns it on).
-        extra = {"LLMMESH_INFER_MODELS": json.dumps({"smollm2": INSTRUMENT}), "LLMMESH_INFER_DEDUP": "false"}
+        extra = {"LLMMESH_INFER_DEDUP": "false"}
+        registry = registry_file(Path(tmp), triton_model=INSTRUMENT)
         if not pii:
             policy = policy_without_pii(Path(tmp) / "policy.yaml")
             extra["LLMMESH_PREPROCESS_SAFETY_POLICY_PATH"] = str(policy)
@@ -108,6 +109,7 @@ def running_mesh(
                 env={**extra, **(env or {})},
                 triton_models=models,
                 model_repository=repository,
+                model_registry=registry,
                 in_gateway=in_gateway,
             )
             try:

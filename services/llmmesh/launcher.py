@@ -91,6 +91,9 @@ class Mesh:
     triton_trace_url: str = ""
     # Triton's model repository; None = this checkout's triton_models/.
     model_repository: Path | None = None
+    # The model registry every service reads (LLMMESH_<SERVICE>_MODEL_REGISTRY); None = the shipped one. To
+    # serve the default model from another Triton model: `llmmesh.common.registry.registry_file`.
+    model_registry: Path | None = None
     # TLS: a directory written by `python -m llmmesh.common.devcerts` (ca.pem, <service>.pem/.key,
     # public-ca.pem). Every service serves TLS, the stages require client certificates (mutual TLS), the
     # gateway reaches them with its own certificate. None = plaintext.
@@ -145,6 +148,9 @@ class Mesh:
                 "LLMMESH_PARENT_PID": str(os.getpid()),
             }
         )
+        if self.model_registry is not None:
+            for name in ("preprocess", "infer", "postprocess"):
+                env[f"LLMMESH_{name.upper()}_MODEL_REGISTRY"] = str(self.model_registry)
         if "safety_classifier" in self.triton_models:
             for name in ("preprocess", "postprocess"):
                 env[f"LLMMESH_{name.upper()}_TRITON_URL"] = f"{self.host}:{p.triton_grpc}"

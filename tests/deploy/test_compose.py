@@ -112,13 +112,15 @@ def test_cpu_override_replaces_the_triton_image_and_command() -> None:
     models = [v for v in triton["volumes"] if volume_target(v) == "/models"]
     assert models == ["../triton_models:/models:ro"], "the CPU models must replace the GPU model directory"
     assert (DEPLOY / "../triton_models/smollm2/config.pbtxt").is_file()
-    # Nothing else changes between the variants but infer's routing table.
+    # Nothing else changes between the variants but the model registry its readers mount.
     for name in (*MESH, "otel-collector", "jaeger", "prometheus", "redis"):
         gpu, cpu = dict(GPU["services"][name]), dict(CPU["services"][name])
         gpu.pop("environment", None), cpu.pop("environment", None)
+        if name in ("preprocess", "infer", "postprocess"):
+            assert gpu.pop("volumes") == ["./models.yaml:/etc/llmmesh/models.yaml:ro"], name
+            assert cpu.pop("volumes") == ["./models.cpu.yaml:/etc/llmmesh/models.yaml:ro"], name
         assert gpu == cpu, name
-        if name != "infer":
-            assert _env(GPU, name) == _env(CPU, name), name
+        assert _env(GPU, name) == _env(CPU, name), name
 
 
 @VARIANTS

@@ -164,13 +164,18 @@ class ProcessTopology:
 
     # -- start -------------------------------------------------------------------------------------
     def service_env(self, name: str) -> dict[str, str]:
-        """The image's environment, then the compose file's, with compose addresses mapped to loopback."""
+        """The image's environment, then the compose file's, with compose addresses mapped to loopback and
+        the paths of files compose mounts (the model registry) mapped to those files."""
         prefix = env_prefix(name)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMMESH_")}
         env.update({k: v for k, v in self.stages[name].env.items() if k != "PATH"})
         compose_env = dict(self.services[name]["environment"])
         assert compose_env[prefix + "HOST"] == "0.0.0.0"
-        env.update({k: self.translate(v) for k, v in compose_env.items()})
+        mounted = {
+            volume_target(v): str((DEPLOY / str(v).split(":")[0]).resolve())
+            for v in self.services[name].get("volumes", [])
+        }
+        env.update({k: mounted.get(v, self.translate(v)) for k, v in compose_env.items()})
         env[prefix + "HOST"] = "127.0.0.1"
         env[prefix + "PORT"] = str(self.loopback(name, int(compose_env[prefix + "PORT"])))
         env[prefix + "METRICS_PORT"] = str(self.loopback(name, int(compose_env[prefix + "METRICS_PORT"])))

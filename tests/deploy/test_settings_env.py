@@ -1,16 +1,19 @@
 """Configuration is environment variables only: every variable a deployment sets for a service is one its
 settings class reads, every setting without a default is set, and the values pass the settings' own
-validation. The routing table, the default model and the models Triton loads agree with each other."""
+validation. Every service reads the same model registry, and its Triton models are the ones Triton loads."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from llmmesh.common.registry import ModelRegistry, load_registry
 
 from .deployfiles import (
     COMPOSE_CPU,
@@ -19,6 +22,7 @@ from .deployfiles import (
     MESH,
     NON_SETTINGS_ENV,
     TRITON_MODELS,
+    container,
     container_env,
     dockerfile_stages,
     env_prefix,
@@ -26,6 +30,7 @@ from .deployfiles import (
     k8s_find,
     load_compose,
     settings_class,
+    volume_target,
 )
 
 GPU = load_compose(COMPOSE_GPU)
@@ -76,40 +81,83 @@ def test_settings_load_from_that_environment(
         assert settings.host == "0.0.0.0"
 
 
-def _routing(env: dict[str, str]) -> dict[str, str]:
-    return dict(json.loads(env["LLMMESH_INFER_MODELS"]))
+# The services that read the model registry.
+REGISTRY_READERS = ("preprocess", "infer", "postprocess")
 
 
-def _default_models(services: dict[str, dict[str, str]]) -> tuple[str, str]:
-    return (
-        services["preprocess"]["LLMMESH_PREPROCESS_DEFAULT_MODEL"],
-        services["postprocess"]["LLMMESH_POSTPROCESS_DEFAULT_MODEL"],
-    )
+def _registry_path(where: str) -> str:
+    """The registry path every reader of a deployment is given: one path for all three."""
+    envs = {s: e for w, s, e in CASES if w == where}
+    (path,) = {envs[s][f"{env_prefix(s)}MODEL_REGISTRY"] for s in REGISTRY_READERS}
+    return path
+
+
+def _compose_registry(compose: dict[str, Any], path: str) -> Path:
+    """The file compose mounts at `path` into every reader (one file for all three)."""
+    sources = set()
+    for name in REGISTRY_READERS:
+        volumes = [str(v) for v in compose["services"][name].get("volumes", []) if volume_target(v) == path]
+        assert len(volumes) == 1, f"{name}: nothing mounted at {path}"
+        source, _, mode = volumes[0].split(":")
+        assert mode == "ro"
+        sources.add(source)
+    (source,) = sources
+    return DEPLOY / source
+
+
+def _k8s_registry(path: str, tmp_path: Path) -> Path:
+    """The ConfigMap key every reader's pod mounts at `path`, written to a file."""
+    texts = set()
+    for name in REGISTRY_READERS:
+        pod = k8s_find("Deployment", name)["spec"]["template"]["spec"]
+        mounts = [
+            m for m in container(k8s_find("Deployment", name))["volumeMounts"] if path.startswith(f"{m['mountPath']}/")
+        ]
+        assert len(mounts) == 1 and mounts[0].get("readOnly"), f"{name}: nothing mounted read-only at {path}"
+        volume = next(v for v in pod["volumes"] if v["name"] == mounts[0]["name"])
+        config_map = k8s_find("ConfigMap", volume["configMap"]["name"])
+        texts.add(config_map["data"][path.removeprefix(f"{mounts[0]['mountPath']}/")])
+    (text,) = texts
+    file = tmp_path / "models.yaml"
+    file.write_text(text)
+    return file
+
+
+def _registry(where: str, tmp_path: Path) -> ModelRegistry:
+    path = _registry_path(where)
+    if where == "k8s":
+        return load_registry(_k8s_registry(path, tmp_path))
+    return load_registry(_compose_registry(GPU if where == "compose-gpu" else CPU, path))
 
 
 @pytest.mark.parametrize("where", ["compose-gpu", "compose-cpu", "k8s"])
-def test_the_default_model_is_routed(where: str) -> None:
-    """The model name preprocess gives requests is one infer routes, and postprocess decodes the same model."""
-    envs = {s: e for w, s, e in CASES if w == where}
-    pre, post = _default_models(envs)
-    assert pre == post
-    assert pre in _routing(envs["infer"])
+def test_every_service_reads_one_valid_registry(where: str, tmp_path: Path) -> None:
+    """Preprocess, infer and postprocess get the same registry file, which loads (tokenizers included), and
+    clients' `default` is a name of its default model everywhere."""
+    registry = _registry(where, tmp_path)
+    assert registry.resolve("default") == registry.default
 
 
-def test_gpu_routes_to_the_tensorrt_llm_model_the_fill_script_writes() -> None:
-    """On GPU (compose and Kubernetes) infer routes to `tensorrt_llm`, the fill script's default model name."""
+def _models(registry: ModelRegistry) -> list[tuple[object, ...]]:
+    return [(m.name, m.aliases, m.default, m.triton_model, m.tokenizer, m.template, m.context_length) for m in registry]
+
+
+def test_gpu_routes_to_the_tensorrt_llm_model_the_fill_script_writes(tmp_path: Path) -> None:
+    """On GPU (compose and Kubernetes, the same models) infer routes to `tensorrt_llm`, the fill script's
+    default model name."""
     usage = subprocess.run(
         [sys.executable, str(DEPLOY / "fill_trtllm_config.py"), "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "tensorrt_llm" in usage
-    for env in (GPU["services"]["infer"]["environment"], container_env(k8s_find("Deployment", "infer"))):
-        assert set(_routing(env).values()) == {"tensorrt_llm"}
+    compose, k8s = _registry("compose-gpu", tmp_path), _registry("k8s", tmp_path)
+    assert _models(compose) == _models(k8s)
+    assert set(compose.routes().values()) == {"tensorrt_llm"}
 
 
-def test_cpu_routes_only_to_models_triton_loads() -> None:
+def test_cpu_routes_only_to_models_triton_loads(tmp_path: Path) -> None:
     """infer is SERVING only when every routed model is ready: the CPU Triton loads each of them."""
     loaded = flag_values(CPU["services"]["triton"]["command"], "--load-model")
-    routed = set(_routing(CPU["services"]["infer"]["environment"]).values())
+    routed = set(_registry("compose-cpu", tmp_path).routes().values())
     assert routed <= set(loaded)
     for model in routed:
         assert (TRITON_MODELS / model / "config.pbtxt").is_file()

@@ -18,6 +18,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmmesh.common.registry import registry_file
 from llmmesh.launcher import Mesh, MeshPorts, free_port
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 from tests.conftest import RedisServer
@@ -233,13 +234,14 @@ def test_prompts_that_differ_in_layout_or_case_never_share(
 def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Mesh]]:
     """Mesh A (Triton with the instrument, four services) and set B (gateway, preprocess, infer) on other
     ports, sharing A's Triton and postprocess; both infer replicas keep results in the same Redis."""
-    env = {
-        "LLMMESH_INFER_MODELS": '{"smollm2": "instrument"}',
-        "LLMMESH_INFER_CACHE_BACKEND": "redis",
-        "LLMMESH_INFER_REDIS_URL": redis_server.url,
-    }
+    env = {"LLMMESH_INFER_CACHE_BACKEND": "redis", "LLMMESH_INFER_REDIS_URL": redis_server.url}
+    models = registry_file(tmp_path_factory.mktemp("models"), triton_model="instrument")
     a = Mesh(
-        ports=MeshPorts.free(), log_dir=tmp_path_factory.mktemp("replica-a"), env=env, triton_models=("instrument",)
+        ports=MeshPorts.free(),
+        log_dir=tmp_path_factory.mktemp("replica-a"),
+        env=env,
+        triton_models=("instrument",),
+        model_registry=models,
     )
     a.start()
     p = a.ports
@@ -254,6 +256,7 @@ def replicas(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
         log_dir=tmp_path_factory.mktemp("replica-b"),
         env=env,
         triton_models=("instrument",),
+        model_registry=models,
     )
     try:
         for name in ("preprocess", "infer", "gateway"):
@@ -302,11 +305,11 @@ def test_with_redis_gone_requests_still_succeed_without_the_cache(replicas: tupl
         ),
         log_dir=a.log_dir / "replica-c",
         env={
-            "LLMMESH_INFER_MODELS": '{"smollm2": "instrument"}',
             "LLMMESH_INFER_CACHE_BACKEND": "redis",
             "LLMMESH_INFER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
         },
         triton_models=("instrument",),
+        model_registry=a.model_registry,
     )
     try:
         for name in ("infer", "gateway"):

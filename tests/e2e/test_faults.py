@@ -29,6 +29,7 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from llmmesh.common.registry import registry_file
 from llmmesh.infer.triton_server import repository_root
 from llmmesh.launcher import SERVICES, Mesh, MeshPorts, free_port
 from llmmesh.stages.v1 import (
@@ -75,8 +76,8 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     mesh = Mesh(
         ports=ports,
         log_dir=tmp_path_factory.mktemp("fault-logs"),
+        model_registry=registry_file(tmp_path_factory.mktemp("fault-registry"), triton_model="instrument"),
         env={
-            "LLMMESH_INFER_MODELS": '{"smollm2": "instrument"}',
             # grpc's multi-address target: the gateway's round-robin channel spreads over both replicas.
             "LLMMESH_GATEWAY_PREPROCESS_URL": (
                 f"ipv4:127.0.0.1:{ports.preprocess},127.0.0.1:{replica},127.0.0.1:{BROKEN['preprocess']}"

@@ -13,12 +13,14 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.common.model_assets import ModelAssets
+from llmmesh.common.registry import registry_file
 from llmmesh.launcher import Mesh, free_port
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
@@ -161,7 +163,7 @@ def _generate_calls(metrics_url: str) -> dict[str, float]:
     return out
 
 
-def test_a_deterministic_triton_error_is_one_triton_request_per_client_request(mesh: Mesh) -> None:
+def test_a_deterministic_triton_error_is_one_triton_request_per_client_request(mesh: Mesh, tmp_path: Path) -> None:
     """infer routed to a model Triton does not serve: FAILED_PRECONDITION to the client, and the gateway
     calls infer (one Triton request each) exactly once per client request: no retry."""
     infer_port, infer_metrics, gateway_port = free_port(), free_port(), free_port()
@@ -171,7 +173,7 @@ def test_a_deterministic_triton_error_is_one_triton_request_per_client_request(m
         {
             "LLMMESH_INFER_PORT": str(infer_port),
             "LLMMESH_INFER_METRICS_PORT": str(infer_metrics),
-            "LLMMESH_INFER_MODELS": '{"smollm2": "no_such_model"}',
+            "LLMMESH_INFER_MODEL_REGISTRY": str(registry_file(tmp_path, triton_model="no_such_model")),
         },
     )
     mesh.start_service(

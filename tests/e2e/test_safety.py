@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from llmmesh.common.model_assets import load_model_assets
+from llmmesh.common.registry import registry_file
 from llmmesh.infer.triton_server import repository_root
 from llmmesh.launcher import Mesh, MeshPorts
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
@@ -57,7 +58,7 @@ def forced_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     mesh = Mesh(
         ports=MeshPorts.free(),
         log_dir=tmp_path_factory.mktemp("forced-logs"),
-        env={"LLMMESH_INFER_MODELS": '{"smollm2": "instrument"}'},
+        model_registry=registry_file(tmp_path_factory.mktemp("forced-registry"), triton_model="instrument"),
         triton_models=("instrument", "safety_classifier"),
         model_repository=repo,
     )

@@ -29,6 +29,7 @@ from llmmesh.client import (
     UnavailableError,
 )
 from llmmesh.common.devcerts import DevCerts, issue, make_ca, write_dev_certs
+from llmmesh.common.registry import registry_file
 from llmmesh.common.tls import client_credentials
 from llmmesh.gateway.auth import DENIED_MESSAGE
 from llmmesh.healthcheck import check
@@ -75,8 +76,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
         log_dir=log_dir,
         tls_dir=certs.directory,
         triton_models=("instrument",),
+        model_registry=registry_file(tmp_path_factory.mktemp("models"), triton_model="instrument"),
         env={
-            "LLMMESH_INFER_MODELS": json.dumps({"smollm2": "instrument"}),
             "LLMMESH_GATEWAY_API_KEYS_FILE": str(keys_file),
             "LLMMESH_GATEWAY_API_KEYS": json.dumps([SERVICE_KEY]),
         },

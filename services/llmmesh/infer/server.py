@@ -1,4 +1,8 @@
-"""Infer: settings and server assembly. SERVING only while Triton and every routed model are ready."""
+"""Infer: settings and server assembly. SERVING only while Triton and every routed model are ready.
+
+Routes come from the model registry (llmmesh.common.registry): each model's name and aliases -> its
+`triton_model`. Infer never reads a tokenizer, so it loads the registry without them (its image has none).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.logging import get_logger
+from llmmesh.common.registry import load_registry
 from llmmesh.common.server import Service, build_server, grpc_options
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.infer.backend import InferenceBackend, TritonBackend
@@ -30,8 +35,9 @@ class InferSettings(ServiceSettings):
     # The header ('<key>=<value>') that Triton's restricted protocols require (llmmesh.common.triton_auth);
     # empty = none sent. Never logged.
     triton_header: SecretStr = SecretStr("")
-    # Model name (as clients say it) -> Triton model name. JSON in the environment.
-    models: dict[str, str] = Field(default_factory=lambda: {"smollm2": "smollm2"})
+    # The model registry (YAML): which Triton model serves each model name and alias; the same file
+    # preprocess and postprocess read. Empty = the one shipped with llmmesh.
+    model_registry: str = ""
     # How often Triton's readiness is checked for the health status.
     health_interval_seconds: float = Field(default=1.0, gt=0)
 
@@ -85,9 +91,8 @@ async def create_server(settings: InferSettings, backend: InferenceBackend | Non
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-    backend = backend or TritonBackend(
-        settings.triton_url, settings.models, options, settings.triton_header.get_secret_value()
-    )
+    routes = load_registry(settings.model_registry, tokenizers=False).routes()
+    backend = backend or TritonBackend(settings.triton_url, routes, options, settings.triton_header.get_secret_value())
     hub = SharingHub(backend, _store(settings), _policy(settings))
     name = infer_pb2.DESCRIPTOR.services_by_name["InferService"].full_name
     service = build_server(

@@ -15,7 +15,8 @@ from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.logging import get_logger
-from llmmesh.common.model_assets import load_model_assets
+from llmmesh.common.model_assets import load_registry_assets
+from llmmesh.common.registry import UnknownModel, load_registry
 from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, TritonClassifier
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
@@ -40,10 +41,9 @@ CHUNKING_FROM_PROTO = {
 class PostprocessSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLMMESH_POSTPROCESS_", frozen=True, extra="ignore")
 
-    default_model: str = "smollm2"
-    # More model names with the same vocabulary (see preprocess's MODEL_ALIASES). JSON list.
-    model_aliases: list[str] = Field(default_factory=list)
-    gguf_path: str = ""
+    # The model registry (YAML, llmmesh.common.registry): the vocabulary of each model a stream names; the
+    # same file preprocess and infer read. Empty = the one shipped with llmmesh.
+    model_registry: str = ""
     # The safety policy file (YAML); empty = services/llmmesh/common/safety/policies/default.yaml. Reloaded on change.
     safety_policy_path: str = ""
     # More blocked terms (category "custom"), JSON list in the environment.
@@ -80,7 +80,8 @@ def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, 
 
 
 def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None, PolicyStore]:
-    assets = load_model_assets(settings.gguf_path or None)
+    registry = load_registry(settings.model_registry)
+    assets = load_registry_assets(registry)
     policies = PolicyStore(
         settings.safety_policy_path or None,
         extra_terms=[BlockedTerm(t, "custom") for t in settings.extra_blocked_terms],
@@ -94,18 +95,19 @@ def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonCl
         if settings.triton_url
         else None
     )
-    models = (settings.default_model, *settings.model_aliases)
 
     def make_pipeline(start: postprocess_pb2.Start, deadline: float | None) -> TextPipeline:
-        if start.model and start.model not in models:
-            raise InvalidArgument("start.model", f"unknown model {start.model!r}")
+        try:
+            model = registry.resolve(start.model)
+        except UnknownModel:
+            raise InvalidArgument("start.model", f"unknown model {start.model!r}") from None
         chunking = CHUNKING_FROM_PROTO.get(start.chunking)
         if chunking is None:
             raise InvalidArgument("start.chunking", f"unknown chunking mode {start.chunking}")
         policy = policies.current()
         use_classifier = classifier if policy.classifier.enabled else None
         return TextPipeline(
-            assets.token_bytes,
+            assets[model.name].token_bytes,
             list(start.stop),
             StreamSafety(SafetyStream(policy, use_classifier, deadline)),
             chunking,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from llmmesh.common.errors import InvalidArgument
@@ -88,20 +89,27 @@ class Preparer:
         default_model: str,
         default_system_prompt: str = "",
         limits: Limits | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         if default_model not in models:
             raise ValueError(f"default model {default_model!r} is not among {sorted(models)}")
         self._models = models
         self._default_model = default_model
+        # More names for the models (alias -> model name): a request is prepared, and reported, under the name.
+        self._aliases = dict(aliases or {})
+        if unknown := {a: m for a, m in self._aliases.items() if m not in models}:
+            raise ValueError(f"aliases of unknown models: {unknown}")
         self._system_prompt = default_system_prompt
         self._limits = limits or Limits()
 
     def prepare(self, req: PrepareInput) -> Prepared:
         self._check_input(req)
         model = req.model or self._default_model
+        model = self._aliases.get(model, model)
         assets = self._models.get(model)
         if assets is None:
-            raise InvalidArgument("model", f"unknown model {model!r}; served: {', '.join(sorted(self._models))}")
+            served = ", ".join(sorted([*self._models, *self._aliases]))
+            raise InvalidArgument("model", f"unknown model {model!r}; served: {served}")
         sampling = self._resolve_sampling(req.sampling)
         stop = self._check_stop(req.sampling.stop)
         # The model sees exactly what the caller wrote; contents are data, never control tokens.

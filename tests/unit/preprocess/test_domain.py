@@ -101,12 +101,22 @@ def test_exactly_the_context_length_is_accepted(preparer: Preparer, assets: Mode
 
 
 def test_model_aliases_share_the_tokenizer_and_unknown_names_are_rejected(assets: ModelAssets) -> None:
-    """Routing names (default/small/...) configured with one vocabulary are accepted; others name the field."""
+    """Every model name is accepted; others name the field and list what is served."""
     preparer = Preparer({"default": assets, "small": assets}, "default")
     assert preparer.prepare(PrepareInput(request_id="r", model="small", prompt="Hi")).model == "small"
     assert preparer.prepare(PrepareInput(request_id="r", model="", prompt="Hi")).model == "default"
     with pytest.raises(InvalidArgument, match="unknown model 'large'; served: default, small"):
         preparer.prepare(PrepareInput(request_id="r", model="large", prompt="Hi"))
+
+
+def test_an_alias_is_prepared_and_reported_under_its_models_name(assets: ModelAssets) -> None:
+    """A request naming an alias gets the model's canonical name, which infer routes and Final reports."""
+    preparer = Preparer({"smollm2": assets}, "smollm2", aliases={"small": "smollm2"})
+    assert preparer.prepare(PrepareInput(request_id="r", model="small", prompt="Hi")).model == "smollm2"
+    with pytest.raises(InvalidArgument, match="unknown model 'large'; served: small, smollm2"):
+        preparer.prepare(PrepareInput(request_id="r", model="large", prompt="Hi"))
+    with pytest.raises(ValueError, match="aliases of unknown models"):
+        Preparer({"smollm2": assets}, "smollm2", aliases={"small": "other"})
 
 
 @pytest.fixture(scope="module")
