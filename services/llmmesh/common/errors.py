@@ -31,11 +31,11 @@ __all__ = [
     "LlmmeshError",
     "ModelFailed",
     "ResourceExhausted",
+    "StageError",
     "StatusInterceptor",
     "Unavailable",
-    "as_rpc_error",
+    "from_rpc_error",
     "retry_status",
-    "rpc_error",
     "status_of",
 ]
 
@@ -103,21 +103,33 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """The error a grpc.aio call raises for a status (no metadata): for a stage called in process."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+class StageError(LlmmeshError):
+    """A stage answered a call with this status (the remote side of a stage interface): passed on as is."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
 
 
-def as_rpc_error(exc: Exception, method: str) -> grpc.aio.AioRpcError:
-    """What a gRPC caller would have got for `exc` raised by a servicer: for a stage called in process
-    (llmmesh.preprocess.local, llmmesh.postprocess.local). The unexpected is logged and becomes INTERNAL."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc
-    mapped = status_of(exc)
-    if mapped is None:
-        log.error("unexpected_error", method=method, code="INTERNAL", exc_info=exc)
-        mapped = (grpc.StatusCode.INTERNAL, "internal error")
-    return rpc_error(*mapped)
+# What grpc's own client reports, as INTERNAL, when the peer of a stream it is writing to goes away.
+_CORE_INTERNAL = "Internal error from Core"
+_ERRORS: dict[grpc.StatusCode, type[LlmmeshError]] = {
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError, stage: str) -> LlmmeshError:
+    """A failed call to a stage as a domain error: what the gateway's orchestrator deals in, whether the
+    stage runs in its process or behind gRPC. A stage lost mid-stream is UNAVAILABLE, however grpc reported it."""
+    code, details = exc.code(), exc.details() or exc.code().name
+    if code == grpc.StatusCode.INTERNAL and details == _CORE_INTERNAL:
+        return Unavailable(f"the {stage} stage was lost mid-stream")
+    known = _ERRORS.get(code)
+    if known is not None:
+        return known(details)
+    return StageError(code, details, _trailer_retry_after(exc) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None)
 
 
 class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
@@ -158,13 +170,18 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
 
 def _retry_after(exc: Exception) -> float | None:
     """A shed request's retry hint: ours, or a stage's (its `retry-after-ms` trailer), passed on to the caller."""
-    if isinstance(exc, ResourceExhausted):
+    if isinstance(exc, (ResourceExhausted, StageError)):
         return exc.retry_after
     if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        for key, value in exc.trailing_metadata() or ():
-            if key == "retry-after-ms":
-                with contextlib.suppress(ValueError):
-                    return max(0.0, float(value if isinstance(value, str) else value.decode()) / 1000.0)
+        return _trailer_retry_after(exc)
+    return None
+
+
+def _trailer_retry_after(exc: grpc.aio.AioRpcError) -> float | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            with contextlib.suppress(ValueError):
+                return max(0.0, float(value if isinstance(value, str) else value.decode()) / 1000.0)
     return None
 
 

@@ -12,20 +12,20 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.logging import get_logger
-from llmmesh.common.safety import TritonClassifier
 from llmmesh.common.server import Service, build_server, channel
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.gateway.admission import AdmissionController, AdmissionLimits
 from llmmesh.gateway.auth import AuthInterceptor, KeyTable
-from llmmesh.gateway.orchestrator import Orchestrator, PostprocessStub, PreprocessStub, Stages
+from llmmesh.gateway.orchestrator import Orchestrator
 from llmmesh.gateway.servicer import GatewayServicer
-from llmmesh.postprocess.local import LocalPostprocessStub
-from llmmesh.postprocess.server import PostprocessSettings
-from llmmesh.postprocess.server import build_servicer as build_postprocess
-from llmmesh.preprocess.local import LocalPreprocessStub
-from llmmesh.preprocess.server import PreprocessSettings
-from llmmesh.preprocess.server import build_servicer as build_preprocess
-from llmmesh.stages.v1 import infer_pb2_grpc, postprocess_pb2_grpc, preprocess_pb2_grpc
+from llmmesh.gateway.stages import (
+    Postprocess,
+    Preprocess,
+    RemoteInfer,
+    RemotePostprocess,
+    RemotePreprocess,
+    Stages,
+)
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
 __all__ = ["INPROCESS", "GatewaySettings", "create_server"]
@@ -38,8 +38,8 @@ log = get_logger(__name__)
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="LLMMESH_GATEWAY_", frozen=True, extra="ignore")
 
-    # "inprocess" for preprocess or postprocess: that stage's servicer runs in this process
-    # (llmmesh.<stage>.local), configured by its own LLMMESH_<STAGE>_* settings; no process to deploy for it.
+    # "inprocess" for preprocess or postprocess: that stage runs in this process (llmmesh.<stage>.stage, the
+    # stage itself), configured by its own LLMMESH_<STAGE>_* settings; no process to deploy for it.
     # Preprocess: no Prepare round trip before the first token. Postprocess: two gRPC messages less per token.
     preprocess_url: str = "127.0.0.1:50052"
     infer_url: str = "127.0.0.1:50053"
@@ -101,34 +101,39 @@ def _auth_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterce
     return [AuthInterceptor(keys)] if len(keys) else []
 
 
+def _local_preprocess() -> tuple[Preprocess, Callable[[], Awaitable[None]] | None]:
+    """Preprocess in this process: the stage itself, configured by its own LLMMESH_PREPROCESS_* settings.
+    Imported here, only then: a gateway that calls a remote preprocess loads no tokenizer."""
+    from llmmesh.preprocess.server import PreprocessSettings, build_servicer
+
+    servicer, classifier = build_servicer(PreprocessSettings())
+    return servicer.stage, classifier.close if classifier is not None else None
+
+
+def _local_postprocess() -> tuple[Postprocess, Callable[[], Awaitable[None]] | None]:
+    """Postprocess in this process (as `_local_preprocess`): no hyperscan, tokenizer or GGUF reader otherwise."""
+    from llmmesh.postprocess.server import PostprocessSettings, build_servicer
+
+    servicer, classifier = build_servicer(PostprocessSettings())
+    return servicer.stage, classifier.close if classifier is not None else None
+
+
 async def create_server(settings: GatewaySettings) -> Service:
     channels: dict[str, grpc.aio.Channel] = {"infer": channel(settings.infer_url, settings)}
     closers: list[Callable[[], Awaitable[None]]] = []
 
     def stage(name: str, url: str, build_local: Callable[[], tuple[Any, Any]], remote: Callable[[Any], Any]) -> Any:
-        """The stage's stub: its servicer in this process when `url` is "inprocess", else a gRPC stub."""
+        """The stage's interface: the stage itself when `url` is "inprocess", else its gRPC adapter."""
         if url == INPROCESS:
-            local, classifier = build_local()
-            if classifier is not None:
-                closers.append(classifier.close)
+            local, close = build_local()
+            if close is not None:
+                closers.append(close)
             return local
         channels[name] = channel(url, settings)
         return remote(channels[name])
 
-    def local_preprocess() -> tuple[LocalPreprocessStub, TritonClassifier | None]:
-        servicer, classifier = build_preprocess(PreprocessSettings())
-        return LocalPreprocessStub(servicer), classifier
-
-    def local_postprocess() -> tuple[LocalPostprocessStub, TritonClassifier | None]:
-        servicer, classifier = build_postprocess(PostprocessSettings())
-        return LocalPostprocessStub(servicer), classifier
-
-    preprocess: PreprocessStub = stage(
-        "preprocess", settings.preprocess_url, local_preprocess, preprocess_pb2_grpc.PreprocessServiceStub
-    )
-    postprocess: PostprocessStub = stage(
-        "postprocess", settings.postprocess_url, local_postprocess, postprocess_pb2_grpc.PostprocessServiceStub
-    )
+    preprocess: Preprocess = stage("preprocess", settings.preprocess_url, _local_preprocess, RemotePreprocess)
+    postprocess: Postprocess = stage("postprocess", settings.postprocess_url, _local_postprocess, RemotePostprocess)
     log.info(
         "stages",
         preprocess=settings.preprocess_url,
@@ -137,7 +142,7 @@ async def create_server(settings: GatewaySettings) -> Service:
     )
     stages = Stages(
         preprocess=preprocess,
-        infer=infer_pb2_grpc.InferServiceStub(channels["infer"]),
+        infer=RemoteInfer(channels["infer"]),
         postprocess=postprocess,
         channels=channels,
         connect_timeout=settings.stage_connect_timeout_seconds,

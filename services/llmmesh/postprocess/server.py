@@ -23,6 +23,7 @@ from llmmesh.common.settings import ServiceSettings
 from llmmesh.postprocess.chunker import ChunkingMode
 from llmmesh.postprocess.domain import TextPipeline
 from llmmesh.postprocess.servicer import PostprocessServicer
+from llmmesh.postprocess.stage import PostprocessStage
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
@@ -113,7 +114,7 @@ def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonCl
             chunking,
         )
 
-    return PostprocessServicer(make_pipeline), classifier, policies
+    return PostprocessServicer(PostprocessStage(make_pipeline)), classifier, policies
 
 
 async def _classifier_usable(policies: PolicyStore, classifier: TritonClassifier) -> bool:

@@ -1,102 +1,25 @@
-"""Postprocess gRPC servicer: proto ⇄ domain only."""
+"""Postprocess gRPC servicer: the stage's `process` behind `PostprocessService.Process`."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc.aio
-from opentelemetry import trace
 
-from llmmesh.common.errors import InvalidArgument
-from llmmesh.common.metrics import SAFETY_BLOCKS
-from llmmesh.postprocess.domain import Finish, Output, TextPipeline
+from llmmesh.postprocess.stage import PostprocessStage
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
-from llmmesh.v1 import generation_pb2
 
 __all__ = ["PostprocessServicer"]
 
-_tracer = trace.get_tracer("llmmesh.postprocess")
-
-_FINISH_FROM_PROTO = {
-    generation_pb2.FINISH_REASON_STOP: Finish.STOP,
-    generation_pb2.FINISH_REASON_LENGTH: Finish.LENGTH,
-    generation_pb2.FINISH_REASON_CANCELLED: Finish.CANCELLED,
-}
-FINISH_TO_PROTO = {
-    Finish.STOP: generation_pb2.FINISH_REASON_STOP,
-    Finish.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
-    Finish.STOP_STRING: generation_pb2.FINISH_REASON_STOP_STRING,
-    Finish.CONTENT_FILTER: generation_pb2.FINISH_REASON_CONTENT_FILTER,
-    Finish.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
-}
-
-
-def _to_proto(out: Output) -> list[postprocess_pb2.ProcessResponse]:
-    messages = [
-        postprocess_pb2.ProcessResponse(
-            delta=postprocess_pb2.Delta(text=p.text, token_ids=p.ids, speakable=p.speakable)
-        )
-        for p in out.pieces
-        if p.text
-    ]
-    if out.finish is not None:
-        done = postprocess_pb2.Done(
-            finish_reason=FINISH_TO_PROTO[out.finish],
-            matched_stop=out.matched_stop,
-            filter_category=out.category,
-            token_ids=out.leftover_ids,
-            completion_tokens=out.completion_tokens,
-        )
-        messages.append(postprocess_pb2.ProcessResponse(done=done))
-    return messages
-
-
-def _deadline(context: grpc.aio.ServicerContext | None) -> float | None:
-    """The call's deadline on time.monotonic()'s clock (the safety classifier's calls get what remains of
-    it); None without one. No context in process (llmmesh.postprocess.local): that call ends itself."""
-    left = context.time_remaining() if context is not None else None
-    return None if left is None else time.monotonic() + left
-
 
 class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
-    def __init__(self, make_pipeline: Callable[[postprocess_pb2.Start, float | None], TextPipeline]) -> None:
-        # make_pipeline(start, deadline): the stream's pipeline; deadline as `_deadline` gives it.
-        self._make_pipeline = make_pipeline
+    def __init__(self, stage: PostprocessStage) -> None:
+        self.stage = stage
 
     async def Process(
         self,
         request_iterator: AsyncIterator[postprocess_pb2.ProcessRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[postprocess_pb2.ProcessResponse]:
-        # One span for the stream's text work (detokenize, stop strings, safety): per-token spans would
-        # cost more than the work they measure.
-        with _tracer.start_as_current_span("detokenize_and_filter") as span:
-            tokens = 0
-            pipeline: TextPipeline | None = None
-            async for message in request_iterator:
-                kind = message.WhichOneof("kind")
-                if pipeline is None:
-                    if kind != "start":
-                        raise InvalidArgument("start", "the first message must be start")
-                    pipeline = self._make_pipeline(message.start, _deadline(context))
-                    continue
-                if kind == "tokens":
-                    tokens += len(message.tokens.ids)
-                    out = await pipeline.feed(message.tokens.ids)
-                elif kind == "end":
-                    reason = _FINISH_FROM_PROTO.get(message.end.finish_reason)
-                    if reason is None:
-                        raise InvalidArgument("end.finish_reason", "must be STOP, LENGTH or CANCELLED")
-                    out = await pipeline.finish(reason)
-                else:
-                    raise InvalidArgument("start", "sent twice")
-                if out.finish is Finish.CONTENT_FILTER:
-                    SAFETY_BLOCKS.labels(out.category).inc()
-                    span.add_event("safety_block", {"llmmesh.safety.category": out.category})
-                if out.finish is not None:
-                    span.set_attributes({"llmmesh.tokens": tokens, "llmmesh.finish_reason": out.finish.value})
-                for response in _to_proto(out):
-                    yield response
-                if pipeline.finished:
-                    return
+        async for response in self.stage.process(request_iterator, context.time_remaining()):
+            yield response

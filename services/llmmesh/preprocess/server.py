@@ -12,6 +12,7 @@ from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.preprocess.domain import Limits, Preparer
 from llmmesh.preprocess.servicer import PreprocessServicer
+from llmmesh.preprocess.stage import PreprocessStage
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 
 __all__ = ["PreprocessSettings", "build_servicer", "create_server"]
@@ -72,7 +73,7 @@ def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, Tr
         if settings.triton_url
         else None
     )
-    return PreprocessServicer(preparer, policies, classifier), classifier
+    return PreprocessServicer(PreprocessStage(preparer, policies, classifier)), classifier
 
 
 async def create_server(settings: PreprocessSettings) -> Service:

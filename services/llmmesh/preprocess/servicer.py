@@ -1,98 +1,20 @@
-"""Preprocess gRPC servicer: proto ⇄ domain only."""
+"""Preprocess gRPC servicer: the stage's `prepare` behind `PreprocessService.Prepare`."""
 
 from __future__ import annotations
 
 import grpc.aio
-from opentelemetry import trace
 
-from llmmesh.common.errors import InvalidArgument
-from llmmesh.common.safety import Classifier, PolicyStore, check_prompt
-from llmmesh.preprocess.dedup import request_hash, shareability
-from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
+from llmmesh.preprocess.stage import PreprocessStage
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
-from llmmesh.v1 import generation_pb2
 
 __all__ = ["PreprocessServicer"]
 
-_tracer = trace.get_tracer("llmmesh.preprocess")
-
-
-def _input_from_proto(req: generation_pb2.GenerateRequest) -> PrepareInput:
-    s = req.sampling
-    sampling = SamplingInput(
-        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
-        temperature=s.temperature if s.HasField("temperature") else None,
-        top_p=s.top_p if s.HasField("top_p") else None,
-        top_k=s.top_k if s.HasField("top_k") else None,
-        seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop),
-    )
-    which = req.WhichOneof("input")
-    return PrepareInput(
-        request_id=req.request_id,
-        model=req.model,
-        prompt=req.prompt if which == "prompt" else None,
-        chat=tuple(ChatTurn(m.role, m.content) for m in req.chat.messages) if which == "chat" else None,
-        sampling=sampling,
-    )
-
-
-def _prepared_to_proto(p: Prepared) -> preprocess_pb2.PrepareResponse:
-    sampling = preprocess_pb2.ResolvedSampling(
-        max_tokens=p.sampling.max_tokens,
-        temperature=p.sampling.temperature,
-        top_p=p.sampling.top_p,
-        top_k=p.sampling.top_k,
-    )
-    if p.sampling.seed is not None:
-        sampling.seed = p.sampling.seed
-    return preprocess_pb2.PrepareResponse(
-        request_id=p.request_id,
-        model=p.model,
-        input_ids=p.input_ids,
-        end_id=p.end_id,
-        pad_id=p.pad_id,
-        sampling=sampling,
-        stop=p.stop,
-        stop_token_ids=[preprocess_pb2.TokenIds(ids=ids) for ids in p.stop_token_ids],
-    )
-
-
-def _prompt_text(req: generation_pb2.GenerateRequest) -> str:
-    if req.WhichOneof("input") == "chat":
-        return "\n".join(m.content for m in req.chat.messages)
-    return req.prompt
-
 
 class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
-    def __init__(self, preparer: Preparer, policies: PolicyStore, classifier: Classifier | None = None) -> None:
-        self._preparer = preparer
-        self._policies = policies
-        self._classifier = classifier
+    def __init__(self, stage: PreprocessStage) -> None:
+        self.stage = stage
 
     async def Prepare(
         self, request: preprocess_pb2.PrepareRequest, context: grpc.aio.ServicerContext
     ) -> preprocess_pb2.PrepareResponse:
-        if request.request.chunking not in generation_pb2.ChunkingMode.values():
-            raise InvalidArgument("chunking", f"unknown chunking mode {request.request.chunking}")
-        with _tracer.start_as_current_span("template_tokenize") as span:
-            prepared = self._preparer.prepare(_input_from_proto(request.request))
-            span.set_attributes(
-                {"gen_ai.request.model": prepared.model, "gen_ai.usage.input_tokens": len(prepared.input_ids)}
-            )
-        response = _prepared_to_proto(prepared)
-        response.chunking = request.request.chunking
-        policy = self._policies.current()
-        response.safety_policy_version = policy.version
-        response.request_hash = request_hash(prepared, policy.version)
-        response.shareable, response.not_shareable_reason = shareability(prepared)
-        with _tracer.start_as_current_span("safety_check_prompt") as span:
-            classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
-            # The classifier gets the time the request has left. No context in process
-            # (llmmesh.preprocess.local): that stub bounds the whole call with its own timeout.
-            left = context.time_remaining() if context is not None else None
-            blocked = await check_prompt(policy, _prompt_text(request.request), classifier, left)
-            span.set_attribute("llmmesh.safety.blocked", blocked or "")
-        if blocked:
-            response.blocked_category = blocked
-        return response
+        return await self.stage.prepare(request.request, context.time_remaining())

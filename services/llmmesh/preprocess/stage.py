@@ -1,0 +1,100 @@
+"""The preprocess stage: validate, template, tokenize, hash for dedup, check the prompt's safety.
+
+`PreprocessStage.prepare` is what the gateway calls, in its own process (this object) or over gRPC
+(`llmmesh.gateway.stages.RemotePreprocess`, served by `PreprocessServicer`). It knows nothing of gRPC:
+bad input raises the domain's `InvalidArgument`, a lost classifier `Unavailable` or `DeadlineExceeded`.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+
+from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.safety import Classifier, PolicyStore, check_prompt
+from llmmesh.preprocess.dedup import request_hash, shareability
+from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
+from llmmesh.stages.v1 import preprocess_pb2
+from llmmesh.v1 import generation_pb2
+
+__all__ = ["PreprocessStage"]
+
+_tracer = trace.get_tracer("llmmesh.preprocess")
+
+
+def _input_from_proto(req: generation_pb2.GenerateRequest) -> PrepareInput:
+    s = req.sampling
+    sampling = SamplingInput(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+    )
+    which = req.WhichOneof("input")
+    return PrepareInput(
+        request_id=req.request_id,
+        model=req.model,
+        prompt=req.prompt if which == "prompt" else None,
+        chat=tuple(ChatTurn(m.role, m.content) for m in req.chat.messages) if which == "chat" else None,
+        sampling=sampling,
+    )
+
+
+def _prepared_to_proto(p: Prepared) -> preprocess_pb2.PrepareResponse:
+    sampling = preprocess_pb2.ResolvedSampling(
+        max_tokens=p.sampling.max_tokens,
+        temperature=p.sampling.temperature,
+        top_p=p.sampling.top_p,
+        top_k=p.sampling.top_k,
+    )
+    if p.sampling.seed is not None:
+        sampling.seed = p.sampling.seed
+    return preprocess_pb2.PrepareResponse(
+        request_id=p.request_id,
+        model=p.model,
+        input_ids=p.input_ids,
+        end_id=p.end_id,
+        pad_id=p.pad_id,
+        sampling=sampling,
+        stop=p.stop,
+        stop_token_ids=[preprocess_pb2.TokenIds(ids=ids) for ids in p.stop_token_ids],
+    )
+
+
+def _prompt_text(req: generation_pb2.GenerateRequest) -> str:
+    if req.WhichOneof("input") == "chat":
+        return "\n".join(m.content for m in req.chat.messages)
+    return req.prompt
+
+
+class PreprocessStage:
+    def __init__(self, preparer: Preparer, policies: PolicyStore, classifier: Classifier | None = None) -> None:
+        self._preparer = preparer
+        self._policies = policies
+        self._classifier = classifier
+
+    async def prepare(
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+    ) -> preprocess_pb2.PrepareResponse:
+        """The model input for `request`; `timeout` bounds the prompt classifier's call (the request's time left)."""
+        if request.chunking not in generation_pb2.ChunkingMode.values():
+            raise InvalidArgument("chunking", f"unknown chunking mode {request.chunking}")
+        with _tracer.start_as_current_span("template_tokenize") as span:
+            prepared = self._preparer.prepare(_input_from_proto(request))
+            span.set_attributes(
+                {"gen_ai.request.model": prepared.model, "gen_ai.usage.input_tokens": len(prepared.input_ids)}
+            )
+        response = _prepared_to_proto(prepared)
+        response.chunking = request.chunking
+        policy = self._policies.current()
+        response.safety_policy_version = policy.version
+        response.request_hash = request_hash(prepared, policy.version)
+        response.shareable, response.not_shareable_reason = shareability(prepared)
+        with _tracer.start_as_current_span("safety_check_prompt") as span:
+            classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
+            blocked = await check_prompt(policy, _prompt_text(request), classifier, timeout)
+            span.set_attribute("llmmesh.safety.blocked", blocked or "")
+        if blocked:
+            response.blocked_category = blocked
+        return response
