@@ -65,10 +65,21 @@ class _Feed:
         self._messages: list[postprocess_pb2.ProcessRequest] = []
         self._closed = False
         self._changed = asyncio.Event()
+        # How far the furthest reader got, and an event set when it moves on.
+        self._read = 0
+        self._progress = asyncio.Event()
 
     def put(self, message: postprocess_pb2.ProcessRequest) -> None:
         self._messages.append(message)
         self._wake()
+
+    async def caught_up(self) -> None:
+        """Waits until postprocess has taken all but the last message put: the pump reads infer no faster
+        than postprocess takes tokens, so a lagging reader gets infer's coalesced batches (several ids per
+        message), as a direct write to the stream would, instead of a backlog of single ids."""
+        while self._read < len(self._messages) - 1:
+            self._progress.clear()
+            await self._progress.wait()
 
     def close(self) -> None:
         self._closed = True
@@ -101,6 +112,9 @@ class _FeedReader:
                 raise StopAsyncIteration
             await feed._changed.wait()
         self._next += 1
+        if self._next > feed._read:
+            feed._read = self._next
+            feed._progress.set()
         return feed._messages[self._next - 1]
 
 
@@ -333,6 +347,7 @@ class Orchestrator:
                                         tokens=postprocess_pb2.Tokens(ids=response.token_ids)
                                     )
                                 )
+                                await feed.caught_up()
                             if response.reuse:
                                 generation.reuse = response.reuse
                             if response.finish_reason:
