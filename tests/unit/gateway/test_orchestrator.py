@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -326,3 +327,37 @@ async def test_retry_statuses_name_the_lost_stage_only(assets: ModelAssets) -> N
     """Unavailable is the one status the orchestrator retries (grpc's code, for the status table)."""
     assert Unavailable("x").code == grpc.StatusCode.UNAVAILABLE
     assert InvalidArgument("f", "x").code != grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_pump_reads_infer_no_faster_than_postprocess_takes_tokens(ids: list[int]) -> None:
+    """Backpressure: with a slow postprocess the pump stays at most one message ahead, so infer (whose hub
+    coalesces for a lagging reader) is read when postprocess can take more, not into a backlog."""
+    infer = ScriptedInfer(ids, gap=0.0)
+    lead: list[int] = []
+
+    class SlowPostprocess:
+        async def process(
+            self, requests: AsyncIterable[postprocess_pb2.ProcessRequest], timeout: float | None = None
+        ) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
+            taken = 0
+            async for message in requests:
+                if message.HasField("tokens"):
+                    taken += 1
+                    await asyncio.sleep(0.005)
+                    lead.append(sent[0] - taken)
+            yield postprocess_pb2.ProcessResponse(
+                done=postprocess_pb2.Done(finish_reason=generation_pb2.FINISH_REASON_STOP, completion_tokens=taken)
+            )
+
+    sent = [0]
+    original = infer.generate
+
+    async def counting(request: infer_pb2.InferRequest, timeout: float | None = None) -> AsyncGenerator[Any, None]:
+        async for response in original(request, timeout):
+            sent[0] += len(response.token_ids)
+            yield response
+
+    infer.generate = counting  # type: ignore[method-assign]
+    result = await _run(_orchestrator(ScriptedPreprocess(), infer, SlowPostprocess()))  # type: ignore[arg-type]
+    assert result.final is not None and result.final.usage.completion_tokens == len(ids)
+    assert max(lead) <= 2, lead
