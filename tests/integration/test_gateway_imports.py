@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
-HEAVY = ("tokenizers", "gguf", "hyperscan", "jinja2", "llmmesh.common.model_assets", "llmmesh.common.safety")
+HEAVY = (
+    "tokenizers",
+    "llmmesh.common.gguf_vocab",
+    "hyperscan",
+    "jinja2",
+    "llmmesh.common.model_assets",
+    "llmmesh.common.safety",
+)
 
 # Builds the gateway's server (stages configured by the environment, nothing needs to answer), then
 # prints which heavy modules the process holds.
@@ -42,8 +49,26 @@ def _loaded(env: dict[str, str]) -> list[str]:
     ("in_process", "expected"),
     [
         ((), []),
-        (("preprocess",), ["tokenizers", "gguf", "jinja2", "llmmesh.common.model_assets", "llmmesh.common.safety"]),
-        (("postprocess",), ["tokenizers", "gguf", "hyperscan", "llmmesh.common.model_assets", "llmmesh.common.safety"]),
+        (
+            ("preprocess",),
+            [
+                "tokenizers",
+                "llmmesh.common.gguf_vocab",
+                "jinja2",
+                "llmmesh.common.model_assets",
+                "llmmesh.common.safety",
+            ],
+        ),
+        (
+            ("postprocess",),
+            [
+                "tokenizers",
+                "llmmesh.common.gguf_vocab",
+                "hyperscan",
+                "llmmesh.common.model_assets",
+                "llmmesh.common.safety",
+            ],
+        ),
     ],
     ids=["four processes", "preprocess in the gateway", "postprocess in the gateway"],
 )

