@@ -113,7 +113,8 @@ class Preparer:
         sampling = self._resolve_sampling(req.sampling)
         stop = self._check_stop(req.sampling.stop)
         # The model sees exactly what the caller wrote; contents are data, never control tokens.
-        input_ids = assets.encode_chat(self._messages(req))
+        # A base model (completion template) continues the caller's text: no default system prompt before it.
+        input_ids = assets.encode_chat(self._messages(req, system_prompt=assets.template == "chat"))
         total = len(input_ids) + sampling.max_tokens
         if total > assets.context_length:
             raise InvalidArgument(
@@ -161,7 +162,7 @@ class Preparer:
                     "chat.messages", f"at most {limits.max_prompt_chars} characters in all, got {total}"
                 )
 
-    def _messages(self, req: PrepareInput) -> list[dict[str, str]]:
+    def _messages(self, req: PrepareInput, *, system_prompt: bool = True) -> list[dict[str, str]]:
         if req.chat is not None:
             if not req.chat:
                 raise InvalidArgument("chat.messages", "must hold at least one message")
@@ -179,7 +180,7 @@ class Preparer:
             raise InvalidArgument("prompt", "must not be empty")
         else:
             raise InvalidArgument("input", "set either prompt or chat")
-        if self._system_prompt and messages[0]["role"] != "system":
+        if system_prompt and self._system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self._system_prompt})
         return messages
 

