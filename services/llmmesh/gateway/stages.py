@@ -107,11 +107,16 @@ class RemotePostprocess:
     ) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
         # grpc reads `requests` on a task of its own, concurrently with our reads: that task is the pump.
         call = self._stub.Process(aiter(requests), timeout=timeout)
+        done = False
         try:
             async for response in call:
+                done = done or response.HasField("done")
                 yield response
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "postprocess") from None
+            # After Done the stream's answer is complete: postprocess ended its side (a stop string, a
+            # filter) while grpc was still writing what followed, which grpc reports as an error of its own.
+            if not done:
+                raise from_rpc_error(exc, "postprocess") from None
         finally:
             call.cancel()
 
