@@ -12,8 +12,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmmesh.infer.triton_server import remove_orphaned_shm
-from llmmesh.launcher import SERVICES, Mesh, MeshPorts
+from llmmesh.infer.triton_server import TritonServer, remove_orphaned_shm
+from llmmesh.launcher import SERVICES, Mesh, MeshPorts, free_port
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
 # The e2e mesh blocks one harmless word so that a real answer can be made to hit the filter.
@@ -58,6 +58,21 @@ def process_group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def running_triton(*models: str) -> Iterator[TritonServer]:
+    """A Triton of its own serving `models` on free ports, for a module fixture (`yield from`): stopped after,
+    with nothing of it left behind."""
+    server = TritonServer(free_port(), free_port(), free_port(), models=models)
+    server.start()
+    pid = server.pid
+    try:
+        server.wait_ready(timeout=120)
+        yield server
+    finally:
+        server.stop()
+        assert pid is not None and not process_group_alive(pid)
+        assert not orphaned_shm()
 
 
 def orphaned_shm() -> list[str]:

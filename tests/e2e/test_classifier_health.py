@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.infer.triton_server import TritonServer
-from llmmesh.launcher import Mesh, MeshPorts, free_port
+from llmmesh.launcher import Mesh, MeshPorts
 
-from .conftest import orphaned_shm, process_group_alive
+from .conftest import running_triton
 
 pytestmark = pytest.mark.e2e
 
@@ -28,19 +28,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    # A log path of our own: the test restarts Triton, and its default log lives in a folder stop() removes.
-    log = tmp_path_factory.mktemp("triton") / "triton.log"
-    server = TritonServer(free_port(), free_port(), free_port(), models=(MODEL,), log_path=log)
-    server.start()
-    pid = server.pid
-    try:
-        server.wait_ready(timeout=120)
-        yield server
-    finally:
-        server.stop()
-        assert pid is not None and not process_group_alive(pid)
-        assert not orphaned_shm()
+def triton() -> Iterator[TritonServer]:
+    yield from running_triton(MODEL)
 
 
 def _status(address: str) -> int | None:

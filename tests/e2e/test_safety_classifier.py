@@ -12,9 +12,8 @@ import pytest
 
 from llmmesh.common.safety import SafetyPolicy, SafetyStream, TritonClassifier, check_prompt, load_policy
 from llmmesh.infer.triton_server import TritonServer
-from llmmesh.launcher import free_port
 
-from .conftest import orphaned_shm, process_group_alive
+from .conftest import running_triton
 
 pytestmark = pytest.mark.e2e
 
@@ -23,16 +22,7 @@ MODEL = "safety_classifier"
 
 @pytest.fixture(scope="module")
 def triton() -> Iterator[TritonServer]:
-    server = TritonServer(free_port(), free_port(), free_port(), models=(MODEL,))
-    server.start()
-    pid = server.pid
-    try:
-        server.wait_ready(timeout=120)
-        yield server
-    finally:
-        server.stop()
-        assert pid is not None and not process_group_alive(pid)
-        assert not orphaned_shm()
+    yield from running_triton(MODEL)
 
 
 @pytest.fixture

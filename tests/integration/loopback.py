@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc.aio
 
 from llmmesh.common.errors import StatusInterceptor
+from llmmesh.common.server import Service
 
 
 @contextlib.asynccontextmanager
@@ -23,3 +24,14 @@ async def loopback_channel(register: Callable[[grpc.aio.Server], None]) -> Async
             yield channel
     finally:
         await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def serving(service: Service) -> AsyncIterator[grpc.aio.Channel]:
+    """Starts a built service (a service's own `create_server`), yields a channel to it, drains it."""
+    await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            yield channel
+    finally:
+        await service.drain(0)

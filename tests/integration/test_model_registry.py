@@ -28,6 +28,8 @@ from llmmesh.preprocess.server import create_server as create_preprocess
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc, preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
+from .loopback import serving
+
 
 def registry(tmp_path: Path, *models: dict[str, Any], name: str = "models.yaml") -> str:
     path = tmp_path / name
@@ -103,24 +105,15 @@ def aliased(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
 
 
-async def serving(service: Service) -> AsyncIterator[grpc.aio.Channel]:
-    await service.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            yield channel
-    finally:
-        await service.drain(0)
-
-
 @pytest.fixture
 async def preprocess(aliased: str) -> AsyncIterator[preprocess_pb2_grpc.PreprocessServiceStub]:
-    async for channel in serving(await create_preprocess(PreprocessSettings(model_registry=aliased))):
+    async with serving(await create_preprocess(PreprocessSettings(model_registry=aliased))) as channel:
         yield preprocess_pb2_grpc.PreprocessServiceStub(channel)
 
 
 @pytest.fixture
 async def postprocess(aliased: str) -> AsyncIterator[postprocess_pb2_grpc.PostprocessServiceStub]:
-    async for channel in serving(await create_postprocess(PostprocessSettings(model_registry=aliased))):
+    async with serving(await create_postprocess(PostprocessSettings(model_registry=aliased))) as channel:
         yield postprocess_pb2_grpc.PostprocessServiceStub(channel)
 
 

@@ -24,7 +24,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.common.errors import DeadlineExceeded
 from llmmesh.common.model_assets import ModelAssets
 from llmmesh.common.safety import TritonClassifier
-from llmmesh.common.server import Service
 from llmmesh.launcher import free_port
 from llmmesh.postprocess.server import PostprocessSettings
 from llmmesh.postprocess.server import create_server as create_postprocess
@@ -33,6 +32,7 @@ from llmmesh.preprocess.server import create_server as create_preprocess
 from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc, preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
+from .loopback import serving
 from .triton_standin import StandInTriton, standin_triton
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -43,17 +43,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 async def triton() -> AsyncIterator[StandInTriton]:
     async with standin_triton() as server:
         yield server
-
-
-@contextlib.asynccontextmanager
-async def running(service: Service) -> AsyncIterator[grpc.aio.Channel]:
-    """Starts a built service, yields a channel to it, drains it."""
-    await service.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            yield channel
-    finally:
-        await service.drain(0)
 
 
 async def _status(channel: grpc.aio.Channel) -> int:
@@ -148,7 +137,7 @@ async def test_postprocess_gives_the_classifier_the_streams_remaining_time(
     """A Process call with 3 s left has its sentences scored with a deadline of at most 3 s; one without a
     deadline gets the classifier client's own 5 s."""
     service = await create_postprocess(PostprocessSettings(triton_url=triton.url, health_interval_seconds=0.1))
-    async with running(service) as channel:
+    async with serving(service) as channel:
         assert await _until(channel, SERVING) == SERVING
         stub = postprocess_pb2_grpc.PostprocessServiceStub(channel)
         replies = [r async for r in stub.Process(iter(_conversation(assets)), timeout=3.0)]
@@ -164,7 +153,7 @@ async def test_postprocess_gives_the_classifier_the_streams_remaining_time(
 async def test_preprocess_gives_the_prompt_check_the_requests_remaining_time(triton: StandInTriton) -> None:
     """A Prepare call with 3 s left checks its prompt with a deadline of at most 3 s."""
     service = await create_preprocess(PreprocessSettings(triton_url=triton.url))
-    async with running(service) as channel:
+    async with serving(service) as channel:
         request = preprocess_pb2.PrepareRequest(request=generation_pb2.GenerateRequest(prompt="Hello there."))
         reply = await preprocess_pb2_grpc.PreprocessServiceStub(channel).Prepare(request, timeout=3.0)
         assert reply.input_ids and not reply.blocked_category
@@ -178,7 +167,7 @@ async def test_postprocess_is_not_serving_while_the_model_is_not_ready(triton: S
     """Model not ready: NOT_SERVING from the start; ready: SERVING; not ready again: NOT_SERVING."""
     triton.ready = False
     service = await create_postprocess(PostprocessSettings(triton_url=triton.url, health_interval_seconds=0.1))
-    async with running(service) as channel:
+    async with serving(service) as channel:
         assert await _status(channel) == NOT_SERVING
         await asyncio.sleep(0.3)
         assert await _status(channel) == NOT_SERVING
@@ -193,7 +182,7 @@ async def test_postprocess_is_not_serving_when_nothing_answers_at_the_triton_add
     service = await create_postprocess(
         PostprocessSettings(triton_url=f"127.0.0.1:{free_port()}", health_interval_seconds=0.1)
     )
-    async with running(service) as channel:
+    async with serving(service) as channel:
         await asyncio.sleep(0.5)
         assert await _status(channel) == NOT_SERVING
 
@@ -208,7 +197,7 @@ async def test_postprocess_health_follows_the_reloaded_policy(tmp_path: Path) ->
             triton_url=f"127.0.0.1:{free_port()}", safety_policy_path=str(policy), health_interval_seconds=0.1
         )
     )
-    async with running(service) as channel:
+    async with serving(service) as channel:
         assert await _until(channel, SERVING) == SERVING
         policy.write_text('version: "classifier"\nclassifier: {enabled: true}\n', encoding="utf-8")
         assert await _until(channel, NOT_SERVING) == NOT_SERVING
@@ -219,5 +208,5 @@ async def test_postprocess_health_follows_the_reloaded_policy(tmp_path: Path) ->
 async def test_postprocess_without_a_triton_address_serves_with_the_classifier_layer_off() -> None:
     """No Triton address configured (the classifier layer off by the deployment's choice): SERVING."""
     service = await create_postprocess(PostprocessSettings())
-    async with running(service) as channel:
+    async with serving(service) as channel:
         assert await _status(channel) == SERVING

@@ -17,7 +17,7 @@ from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.logging import get_logger
 from llmmesh.common.model_assets import load_registry_assets
 from llmmesh.common.registry import UnknownModel, load_registry
-from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, TritonClassifier
+from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, TritonClassifier, classifier_for
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.postprocess.chunker import ChunkingMode
@@ -87,14 +87,8 @@ def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonCl
         settings.safety_policy_path or None,
         extra_terms=[BlockedTerm(t, "custom") for t in settings.extra_blocked_terms],
     )
-    classifier = (
-        TritonClassifier(
-            settings.triton_url,
-            policies.current().classifier.model,
-            header=settings.triton_header.get_secret_value(),
-        )
-        if settings.triton_url
-        else None
+    classifier = classifier_for(
+        settings.triton_url, policies.current().classifier.model, settings.triton_header.get_secret_value()
     )
 
     def make_pipeline(start: postprocess_pb2.Start, deadline: float | None) -> TextPipeline:

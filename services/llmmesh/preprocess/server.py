@@ -7,7 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.model_assets import load_registry_assets
 from llmmesh.common.registry import load_registry
-from llmmesh.common.safety import PolicyStore, TritonClassifier
+from llmmesh.common.safety import PolicyStore, TritonClassifier, classifier_for
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.preprocess.domain import Limits, Preparer
@@ -64,14 +64,8 @@ def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, Tr
         aliases=registry.aliases(),
     )
     policies = PolicyStore(settings.safety_policy_path or None)
-    classifier = (
-        TritonClassifier(
-            settings.triton_url,
-            policies.current().classifier.model,
-            header=settings.triton_header.get_secret_value(),
-        )
-        if settings.triton_url
-        else None
+    classifier = classifier_for(
+        settings.triton_url, policies.current().classifier.model, settings.triton_header.get_secret_value()
     )
     return PreprocessServicer(PreprocessStage(preparer, policies, classifier)), classifier
 

@@ -9,7 +9,7 @@ reloads it when it changes.
 from __future__ import annotations
 
 from llmmesh.common.safety.blocklist import BlockedTerm, fold
-from llmmesh.common.safety.classifier import Classifier, TritonClassifier
+from llmmesh.common.safety.classifier import Classifier, TritonClassifier, classifier_for
 from llmmesh.common.safety.pii import PiiRedactor, luhn_valid
 from llmmesh.common.safety.policy import (
     DEFAULT_POLICY_PATH,
@@ -36,6 +36,7 @@ __all__ = [
     "SafetyVerdict",
     "TritonClassifier",
     "check_prompt",
+    "classifier_for",
     "fold",
     "load_policy",
     "luhn_valid",

@@ -125,3 +125,8 @@ class TritonClassifier:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def classifier_for(url: str, model: str, header: str = "") -> TritonClassifier | None:
+    """The stage's classifier client: None without a Triton URL (the classifier layer off by configuration)."""
+    return TritonClassifier(url, model, header=header) if url else None
