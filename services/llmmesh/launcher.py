@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmmesh.common.registry import load_registry
 from llmmesh.common.tls import client_credentials
 from llmmesh.common.triton_auth import new_header, triton_args
 from llmmesh.infer.triton_server import StartCancelled, TritonServer, repository_root
@@ -83,8 +84,9 @@ class Mesh:
     # Extra environment for the services (LLMMESH_<SERVICE>_... settings).
     env: Mapping[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
-    # The CPU model and the safety classifier; without "safety_classifier" the classifier layer is off.
-    triton_models: tuple[str, ...] = ("smollm2", "safety_classifier")
+    # The Triton models to load; None = every Triton model of the model registry, and the safety
+    # classifier. Without "safety_classifier" the classifier layer is off.
+    triton_models: tuple[str, ...] | None = None
     # Tracing: the services' OTLP endpoint and protocol, and Triton's OTLP/HTTP traces URL; empty = off.
     otlp_endpoint: str = ""
     otlp_protocol: str = "http/protobuf"
@@ -114,6 +116,15 @@ class Mesh:
         env = {**os.environ, **self.env}
         keyed = any(env.get(f"LLMMESH_GATEWAY_{name}", "").strip() not in ("", "[]") for name in _KEY_SETTINGS)
         return self._triton_header if keyed else ""
+
+    @property
+    def served_triton_models(self) -> tuple[str, ...]:
+        """What Triton loads: `triton_models`, or the registry's Triton models and the safety classifier."""
+        if self.triton_models is not None:
+            return self.triton_models
+        registry = load_registry(self.model_registry, tokenizers=False)
+        models = dict.fromkeys(e.triton_model for e in registry if e.backend == "triton")
+        return (*models, "safety_classifier")
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -151,7 +162,7 @@ class Mesh:
         if self.model_registry is not None:
             for name in ("preprocess", "infer", "postprocess"):
                 env[f"LLMMESH_{name.upper()}_MODEL_REGISTRY"] = str(self.model_registry)
-        if "safety_classifier" in self.triton_models:
+        if "safety_classifier" in self.served_triton_models:
             for name in ("preprocess", "postprocess"):
                 env[f"LLMMESH_{name.upper()}_TRITON_URL"] = f"{self.host}:{p.triton_grpc}"
         for name in SERVICES:
@@ -234,7 +245,7 @@ class Mesh:
             grpc_port=self.ports.triton_grpc,
             http_port=self.ports.triton_http,
             metrics_port=self.ports.triton_metrics,
-            models=self.triton_models,
+            models=self.served_triton_models,
             host=self.host,
             log_path=self.log_dir / "triton.log",
             trace_url=self.triton_trace_url,

@@ -151,13 +151,13 @@ def test_gpu_routes_to_the_tensorrt_llm_model_the_fill_script_writes(tmp_path: P
     assert "tensorrt_llm" in usage
     compose, k8s = _registry("compose-gpu", tmp_path), _registry("k8s", tmp_path)
     assert _models(compose) == _models(k8s)
-    assert set(compose.routes().values()) == {"tensorrt_llm"}
+    assert set(compose.triton_models().values()) == {"tensorrt_llm"}
 
 
 def test_cpu_routes_only_to_models_triton_loads(tmp_path: Path) -> None:
     """infer is SERVING only when every routed model is ready: the CPU Triton loads each of them."""
     loaded = flag_values(CPU["services"]["triton"]["command"], "--load-model")
-    routed = set(_registry("compose-cpu", tmp_path).routes().values())
+    routed = set(_registry("compose-cpu", tmp_path).triton_models().values())
     assert routed <= set(loaded)
     for model in routed:
         assert (TRITON_MODELS / model / "config.pbtxt").is_file()

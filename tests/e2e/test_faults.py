@@ -206,7 +206,7 @@ def _report(name: str, **figures: float) -> None:
 
 
 async def test_disconnected_clients_cancel_their_triton_requests(fault_mesh: Mesh) -> None:
-    """50 clients that drop their connections mid-stream: 50 cancels at the model (200 ms is the target, printed; CANCEL_BOUND_S asserted)."""
+    """50 clients drop their connections mid-stream: 50 cancels at the model (target 200 ms, printed)."""
     channels = [grpc.aio.insecure_channel(fault_mesh.address("gateway"), options=OWN_CONNECTION) for _ in range(50)]
     try:
         before = await _settled(fault_mesh)

