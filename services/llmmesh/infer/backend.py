@@ -34,7 +34,7 @@ from llmmesh.common.errors import (
 from llmmesh.common.telemetry import client_interceptors
 from llmmesh.common.triton_auth import header_interceptors
 
-__all__ = ["TRITON_PRIORITY", "Generation", "InferenceBackend", "TritonBackend", "stop_words_tensor"]
+__all__ = ["TRITON_PRIORITY", "Generation", "InferenceBackend", "TokenBatch", "TritonBackend", "stop_words_tensor"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,18 @@ class Generation:
     stop_token_ids: Sequence[Sequence[int]] = ()
     # llmmesh.v1.Priority: 0 (unspecified) or 1 = interactive, 2 = batch.
     priority: int = 0
+    # Ask the model for each token's log-probability (TensorRT-LLM's return_log_probs / output_log_probs).
+    return_log_probs: bool = False
+
+
+class TokenBatch(list[int]):
+    """Token ids as generated, with their log-probabilities when the request asked for them."""
+
+    __slots__ = ("log_probs",)
+
+    def __init__(self, ids: Sequence[int] = (), log_probs: Sequence[float] | None = None) -> None:
+        super().__init__(ids)
+        self.log_probs: list[float] | None = None if log_probs is None else list(log_probs)
 
 
 # Triton request priority levels (`priority` request parameter, uint64): 1 is the highest level and 0 means
@@ -114,6 +126,8 @@ def build_request(gen: Generation, triton_model: str) -> service_pb2.ModelInferR
         _add(req, "seed", "UINT64", np.asarray([[gen.seed]], dtype=np.uint64))
     if gen.stop_token_ids:
         _add(req, "stop_words_list", "INT32", stop_words_tensor(gen.stop_token_ids))
+    if gen.return_log_probs:
+        _add(req, "return_log_probs", "BOOL", np.asarray([[True]], dtype=bool))
     return req
 
 
@@ -150,11 +164,15 @@ def _call_error(url: str, model: str, exc: grpc.aio.AioRpcError) -> LlmmeshError
     return triton_error(model, details)
 
 
-def _output_ids(response: service_pb2.ModelInferResponse) -> list[int]:
+def _output_ids(response: service_pb2.ModelInferResponse) -> TokenBatch:
+    ids: list[int] = []
+    log_probs: list[float] | None = None
     for i, out in enumerate(response.outputs):
         if out.name == "output_ids":
-            return array("i", response.raw_output_contents[i]).tolist()
-    return []
+            ids = array("i", response.raw_output_contents[i]).tolist()
+        elif out.name == "output_log_probs":
+            log_probs = array("f", response.raw_output_contents[i]).tolist()
+    return TokenBatch(ids, log_probs)
 
 
 class TritonBackend:

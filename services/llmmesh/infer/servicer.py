@@ -32,6 +32,7 @@ def _generation_from_proto(req: infer_pb2.InferRequest) -> Generation:
         seed=s.seed if s.HasField("seed") else None,
         stop_token_ids=[list(w.ids) for w in req.stop_token_ids],
         priority=req.priority,
+        return_log_probs=req.return_log_probs,
     )
 
 
@@ -62,13 +63,16 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
             timeout=context.time_remaining(),
         )
         first = True
+        log_probs = request.return_log_probs
         async for ids in sub:
+            response = infer_pb2.InferResponse(token_ids=ids)
+            if log_probs and getattr(ids, "log_probs", None) is not None:
+                response.log_probs.extend(ids.log_probs)  # type: ignore[attr-defined]
             if first:
                 # Known from the first tokens on: a caller that stops early (a stop string) still learns it.
                 first = False
-                yield infer_pb2.InferResponse(token_ids=ids, reuse=_REUSE[sub.reuse])
-            else:
-                yield infer_pb2.InferResponse(token_ids=ids)
+                response.reuse = _REUSE[sub.reuse]
+            yield response
         yield infer_pb2.InferResponse(
             finish_reason=_FINISH[sub.finish], completion_tokens=sub.completion_tokens, reuse=_REUSE[sub.reuse]
         )

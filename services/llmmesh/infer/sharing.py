@@ -31,7 +31,7 @@ from typing import Literal
 from llmmesh.common import metrics
 from llmmesh.common.errors import InvalidArgument, Unavailable
 from llmmesh.common.logging import get_logger
-from llmmesh.infer.backend import Generation, InferenceBackend
+from llmmesh.infer.backend import Generation, InferenceBackend, TokenBatch
 from llmmesh.infer.result_store import ResultStore, StoredResult
 
 __all__ = ["Reuse", "SharingHub", "SharingPolicy", "Subscription"]
@@ -63,6 +63,8 @@ class LiveGeneration:
     # What its subscribers report: a generation replayed from the cache reports "cache_hit".
     source: Literal["generated", "cache"] = "generated"
     tokens: list[int] = field(default_factory=list)
+    # Each token's log-probability, when the generation's request asked for them (a cache replay has none).
+    log_probs: list[float] = field(default_factory=list)
     finish: str | None = None  # "stop" | "length" once complete
     error: BaseException | None = None
     subscribers: int = 0
@@ -80,6 +82,9 @@ class LiveGeneration:
 
     def extend(self, ids: list[int]) -> None:
         self.tokens.extend(ids)
+        log_probs = getattr(ids, "log_probs", None)
+        if log_probs is not None and len(self.log_probs) == len(self.tokens) - len(ids):
+            self.log_probs.extend(log_probs)
         self._notify()
 
     def complete(self) -> None:
@@ -126,7 +131,9 @@ class Subscription:
             while True:
                 if pos < len(live.tokens):
                     end = min(len(live.tokens), pos + self._batch)
-                    chunk = live.tokens[pos:end]
+                    chunk = TokenBatch(
+                        live.tokens[pos:end], live.log_probs[pos:end] if len(live.log_probs) >= end else None
+                    )
                     pos = end
                     yield chunk
                 elif live.error is not None:

@@ -63,21 +63,26 @@ def _stop_sequences(request: Any) -> list[tuple[int, ...]]:
     return sequences
 
 
-def _response(ids: list[int]) -> Any:
+def _response(ids: list[int], log_probs: list[float] | None = None) -> Any:
     out = np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("output_ids", out),
-            pb_utils.Tensor("sequence_length", np.asarray([[len(ids)]], dtype=np.int32)),
-        ]
-    )
+    tensors = [
+        pb_utils.Tensor("output_ids", out),
+        pb_utils.Tensor("sequence_length", np.asarray([[len(ids)]], dtype=np.int32)),
+    ]
+    if log_probs is not None:
+        # TensorRT-LLM's `output_log_probs` ([beam, tokens] per request): each token's log-probability.
+        tensors.append(pb_utils.Tensor("output_log_probs", np.asarray(log_probs, dtype=np.float32).reshape(1, 1, -1)))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 class _Stream:
     """One request's token callback; returning True from it cancels the engine task at once."""
 
-    def __init__(self, model: TritonPythonModel, sender: Any, end_id: int, streaming: bool, stops: list) -> None:
+    def __init__(
+        self, model: TritonPythonModel, sender: Any, end_id: int, streaming: bool, stops: list, log_probs: bool
+    ) -> None:
         self.model = model
+        self.log_probs = log_probs
         self.sender: Any = sender
         self.end_id = end_id
         self.streaming = streaming
@@ -94,13 +99,15 @@ class _Stream:
             return True
         choice = (chunk.get("choices") or [{}])[0]
         content = (choice.get("logprobs") or {}).get("content") or []
-        new = [int(c["id"]) for c in content if int(c["id"]) != self.end_id]
+        kept = [c for c in content if int(c["id"]) != self.end_id]
+        new = [int(c["id"]) for c in kept]
         if not new:
             return False
         new, stopped = llama_contract.take_until_stop(self.generated, new, self.stops)
         self.model._count_tokens(len(new))
         if self.streaming:
-            self.model._send(sender, _response(new))
+            probs = [float(c.get("logprob", 0.0)) for c in kept[: len(new)]] if self.log_probs else None
+            self.model._send(sender, _response(new, probs))
         return stopped
 
 
@@ -224,7 +231,8 @@ class TritonPythonModel:
         if seed is not None:
             body["seed"] = llama_contract.llama_seed(int(seed.as_numpy().reshape(-1)[0]))
 
-        stream = _Stream(self, sender, end_id, streaming, stops)
+        log_probs = bool(_scalar(request, "return_log_probs", False))
+        stream = _Stream(self, sender, end_id, streaming, stops, log_probs)
         try:
             self._server.handle_completions(body, stream.on_chunk)
         finally:
