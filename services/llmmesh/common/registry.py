@@ -395,9 +395,13 @@ def _assembled_gguf(package: str, module: Any) -> Path:
 
 
 def _gguf(tokenizer: str, base: Path) -> Path:
+    """The tokenizer's file: a GGUF, or a Hugging Face tokenizer.json (a folder stands for the tokenizer.json
+    in it; model_assets reads its tokenizer_config.json beside it)."""
     if tokenizer.startswith(_PACKAGE):
         return packaged_gguf_path(tokenizer.removeprefix(_PACKAGE))
     path = base / Path(tokenizer).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     return path
