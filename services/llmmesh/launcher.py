@@ -160,7 +160,7 @@ class Mesh:
             }
         )
         if self.model_registry is not None:
-            for name in ("preprocess", "infer", "postprocess"):
+            for name in SERVICES:
                 env[f"LLMMESH_{name.upper()}_MODEL_REGISTRY"] = str(self.model_registry)
         if "safety_classifier" in self.served_triton_models:
             for name in ("preprocess", "postprocess"):

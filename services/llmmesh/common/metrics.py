@@ -70,6 +70,29 @@ QUEUE_TIME = Histogram(
 )
 PROMPT_TOKENS = Counter("llmmesh_prompt_tokens", "Prompt tokens of completed generations", ["model"])
 COMPLETION_TOKENS = Counter("llmmesh_completion_tokens", "Generated tokens of completed generations", ["model"])
+# Spend per caller (the API key's name; the peer's host when authentication is off), at the model
+# registry's prices. `route` is the route the request named ("" when it named a model).
+CALLER_TOKENS = Counter(
+    "llmmesh_caller_tokens",
+    "Tokens of completed requests, by answering model, route, caller and kind (prompt, completion)",
+    ["model", "route", "caller", "kind"],
+)
+CALLER_COST = Counter(
+    "llmmesh_caller_cost", "Cost of completed requests at the registry's prices", ["model", "route", "caller"]
+)
+ROUTE_DECISIONS = Counter(
+    "llmmesh_route_decisions", "Routed requests, by route and answering model", ["route", "model"]
+)
+REUSE_SAVED_TOKENS = Counter(
+    "llmmesh_reuse_saved_tokens",
+    "Prompt and completion tokens the model did not process: answers joined in flight or replayed from the cache",
+    ["model", "route", "caller"],
+)
+REUSE_SAVED_COST = Counter(
+    "llmmesh_reuse_saved_cost",
+    "Cost of the answers joined in flight or replayed from the cache",
+    ["model", "route", "caller"],
+)
 
 # Postprocess: safety decisions.
 SAFETY_BLOCKS = Counter("llmmesh_safety_blocks", "Streams ended by the safety filter, by category", ["category"])

@@ -23,14 +23,22 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
 from llmmesh.common import metrics
-from llmmesh.common.errors import DeadlineExceeded, LlmmeshError, Unavailable
+from llmmesh.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    LlmmeshError,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmmesh.common.logging import get_logger
+from llmmesh.common.registry import ModelEntry
 from llmmesh.common.telemetry import set_attributes
+from llmmesh.gateway.routing import Cascade, Pick, Plan, Router
 from llmmesh.gateway.stages import Stages
 from llmmesh.stages.v1 import infer_pb2, postprocess_pb2, preprocess_pb2
 from llmmesh.v1 import generation_pb2
@@ -124,6 +132,65 @@ class _Generation:
 
     reuse: generation_pb2.Reuse = generation_pb2.REUSE_UNSPECIFIED
     error: BaseException | None = None
+    # A text backend's own prompt token count (an OpenAI-compatible endpoint tokenizes the prompt itself).
+    prompt_tokens: int = 0
+
+
+class _Escalate(Exception):
+    """A cascade's first model was not confident enough: its answer is dropped before any text was sent."""
+
+    def __init__(self, mean: float, tokens: int) -> None:
+        super().__init__(f"mean log-probability {mean:.2f}")
+        self.mean = mean
+        self.tokens = tokens
+
+
+@dataclass
+class _Gate:
+    """A cascade's check: the first `check_tokens` tokens are held back until their mean log-probability
+    says whether this model answers or the cascade escalates."""
+
+    check_tokens: int
+    threshold: float
+    tokens: int = 0
+    log_probs: list[float] = field(default_factory=list)
+    mean: float | None = None
+    decided: bool = False
+
+    def add(self, response: infer_pb2.InferResponse) -> None:
+        self.tokens += len(response.token_ids)
+        self.log_probs.extend(response.log_probs)
+
+    @property
+    def full(self) -> bool:
+        return self.tokens >= self.check_tokens
+
+    def decide(self) -> None:
+        """Raises _Escalate when the tokens seen are not confident enough; tokens without log-probabilities
+        (an answer replayed from the cache: completed answers only, so one that passed) are kept."""
+        self.decided = True
+        probs = self.log_probs[: self.check_tokens]
+        if probs:
+            self.mean = sum(probs) / len(probs)
+            if self.mean < self.threshold:
+                raise _Escalate(self.mean, self.tokens)
+
+    def describe(self) -> str:
+        if self.mean is None:
+            return "kept (no log-probabilities: a replayed answer)"
+        return f"kept (mean logprob {self.mean:.2f} >= {self.threshold:g})"
+
+
+@dataclass
+class _Times:
+    """When the answer that reached the caller passed each point (time.monotonic())."""
+
+    started: float
+    handed: float = 0.0
+    first_token: float | None = None
+    first_speakable: float | None = None
+    # The cost of answers a cascade dropped on its way to this one.
+    dropped_cost: float = 0.0
 
 
 def with_request_id(request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
@@ -136,16 +203,44 @@ def with_request_id(request: generation_pb2.GenerateRequest) -> generation_pb2.G
     return named
 
 
+def _for_model(request: generation_pb2.GenerateRequest, model: str) -> generation_pb2.GenerateRequest:
+    """The request as preprocess sees it once a route chose `model`."""
+    if request.model == model:
+        return request
+    chosen = generation_pb2.GenerateRequest()
+    chosen.CopyFrom(request)
+    chosen.model = model
+    return chosen
+
+
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 
 
+def _label(plan: Plan) -> str:
+    if isinstance(plan, Pick):
+        return plan.model.name
+    if isinstance(plan, Cascade):
+        return plan.first.name
+    return plan.route.name
+
+
+# Reuse kinds whose tokens the model did not generate for this request.
+_SAVED = (generation_pb2.REUSE_JOINED_IN_FLIGHT, generation_pb2.REUSE_CACHE_HIT, generation_pb2.REUSE_DEDUPLICATED)
+
+# A fallback route skips a target that failed with these before its first chunk: lost or not reachable,
+# overloaded, or not serving that model.
+_SKIPPABLE = (Unavailable, ResourceExhausted, FailedPrecondition)
+
+
 class Orchestrator:
-    def __init__(self, stages: Stages, sharing_scope: str = "global") -> None:
+    def __init__(self, stages: Stages, sharing_scope: str = "global", router: Router | None = None) -> None:
+        """Without a `router` a request's model goes to preprocess as it is (no routes, no prices)."""
         if sharing_scope not in SHARING_SCOPES:
             raise ValueError(f"sharing_scope must be one of {SHARING_SCOPES}, got {sharing_scope!r}")
         self._stages = stages
         self._sharing_scope = sharing_scope
+        self._router = router
 
     async def generate(
         self,
@@ -156,15 +251,124 @@ class Orchestrator:
     ) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
         """`arrived` (time.monotonic()) is when the gateway received the request, before admission: the
         timings and queue time count from there. `caller` is the caller's identity: idempotency keys are
-        always scoped by it, and shared generations too when the sharing scope is "caller"."""
-        started = time.monotonic() if arrived is None else arrived
+        always scoped by it, and shared generations too when the sharing scope is "caller"; a split route
+        places the caller in an arm by it; cost metrics are counted per caller."""
+        times = _Times(started=time.monotonic() if arrived is None else arrived)
         deadline = _Deadline(timeout)
         request = with_request_id(request)
-        request_id = request.request_id
-
         span = trace.get_current_span()  # the gateway's server span (grpc instrumentation), when tracing
+        route, plan = ("", None) if self._router is None else self._router.plan(request, caller)
         await self._stages.connected(deadline.remaining())
+        # Why the routes decided as they did, outermost first: filled in as the plan runs.
+        reasons: list[str] = []
+        if plan is None:
+            answer = self._attempt(request, None, deadline, caller, times, span)
+        else:
+            answer = self._run(plan, request, deadline, caller, times, span, reasons, None)
+        async with contextlib.aclosing(answer):
+            async for response in answer:
+                if response.HasField("final"):
+                    final = response.final
+                    final.route = " -> ".join(reasons)
+                    final.usage.cost = self._cost(final.model, final.usage) + times.dropped_cost
+                    _record(span, final, times, time.monotonic(), route, caller)
+                yield response
+
+    def _cost(self, model: str, usage: generation_pb2.Usage) -> float:
+        if self._router is None:
+            return 0.0
+        try:
+            entry = self._router.registry.resolve(model)
+        except LookupError:
+            return 0.0
+        return entry.price(usage.prompt_tokens, usage.completion_tokens)
+
+    async def _run(
+        self,
+        plan: Plan,
+        request: generation_pb2.GenerateRequest,
+        deadline: _Deadline,
+        caller: str,
+        times: _Times,
+        span: trace.Span,
+        reasons: list[str],
+        first_token_timeout: float | None,
+    ) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
+        """One plan's answer; `reasons` gets its part of Final.route before the answer's first message."""
+        reasons.extend(plan.why)
+        if isinstance(plan, Pick):
+            attempt = self._attempt(request, plan.model, deadline, caller, times, span, None, first_token_timeout)
+            async with contextlib.aclosing(attempt):
+                async for response in attempt:
+                    yield response
+            return
+        mark = len(reasons)
+        if isinstance(plan, Cascade):
+            route = plan.route
+            gate = _Gate(route.check_tokens, route.min_mean_logprob)
+            reasons.append(f"{route.name}: cascade: {plan.first.name}")
+            attempt = self._attempt(request, plan.first, deadline, caller, times, span, gate, first_token_timeout)
+            try:
+                async with contextlib.aclosing(attempt):
+                    async for response in attempt:
+                        reasons[mark] = f"{route.name}: cascade: {plan.first.name} {gate.describe()}"
+                        yield response
+                return
+            except _Escalate as exc:
+                reasons[mark] = (
+                    f"{route.name}: cascade: escalated (mean logprob {exc.mean:.2f} < {route.min_mean_logprob:g})"
+                )
+                log.info("cascade_escalated", request_id=request.request_id, route=route.name, mean=exc.mean)
+            rest = self._run(plan.rest, request, deadline, caller, times, span, reasons, first_token_timeout)
+            async with contextlib.aclosing(rest):
+                async for response in rest:
+                    yield response
+            return
+        route = plan.route
+        timeout = route.first_token_timeout_s or first_token_timeout
+        skipped: list[str] = []
+        for index, option in enumerate(plan.options):
+            del reasons[mark:]
+            tried = "".join(f"{s} -> " for s in skipped)
+            reasons.append(f"{route.name}: fallback: {tried}{_label(option)}")
+            answered = False
+            answer = self._run(option, request, deadline, caller, times, span, reasons, timeout)
+            try:
+                async with contextlib.aclosing(answer):
+                    async for response in answer:
+                        answered = True
+                        yield response
+                return
+            except _SKIPPABLE as exc:
+                if answered or index == len(plan.options) - 1:
+                    raise
+                skipped.append(f"{_label(option)} unavailable ({exc.code.name.lower()})")
+                log.info(
+                    "fallback",
+                    request_id=request.request_id,
+                    route=route.name,
+                    skipped=_label(option),
+                    code=exc.code.name,
+                    error=str(exc),
+                )
+
+    async def _attempt(
+        self,
+        request: generation_pb2.GenerateRequest,
+        model: ModelEntry | None,
+        deadline: _Deadline,
+        caller: str,
+        times: _Times,
+        span: trace.Span,
+        gate: _Gate | None = None,
+        first_token_timeout: float | None = None,
+    ) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
+        """One model's answer: prepare, generate, process. `model` None: the request's own model name."""
+        if model is not None:
+            request = _for_model(request, model.name)
+        request_id = request.request_id
         prepared = await self._prepare(request, deadline)
+        text_backend = prepared.backend == "openai"
         set_attributes(
             span,
             {
@@ -179,15 +383,15 @@ class Orchestrator:
         )
         if prepared.blocked_category:
             # The prompt failed the safety policy: a result, not an error, and nothing is generated.
+            times.handed = time.monotonic()
             final = generation_pb2.Final(
                 finish_reason=generation_pb2.FINISH_REASON_CONTENT_FILTER,
                 usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids)),
-                timings=generation_pb2.Timings(total_ms=_ms(started, time.monotonic())),
+                timings=generation_pb2.Timings(total_ms=_ms(times.started, time.monotonic())),
                 request_id=request_id,
                 model=prepared.model,
                 filter_category=prepared.blocked_category,
             )
-            _record(span, final, started, time.monotonic(), None, None, time.monotonic())
             yield generation_pb2.GenerateResponse(final=final)
             return
         # The caller's identity scopes what it may share; it travels inside the keys, never as a request id.
@@ -205,8 +409,16 @@ class Orchestrator:
             priority=request.priority,
             idempotency_key=f"{caller}/{request.idempotency_key}" if request.idempotency_key else "",
             fresh=request.fresh,
+            return_log_probs=gate is not None,
         )
-        handed_to_model = time.monotonic()
+        if text_backend:
+            # The endpoint tokenizes and templates: it gets the request's text and the stop strings.
+            if request.WhichOneof("input") == "chat":
+                infer_request.chat.CopyFrom(request.chat)
+            else:
+                infer_request.prompt = request.prompt
+            infer_request.stop.extend(prepared.stop)
+        times.handed = time.monotonic()
         first_token_at: float | None = None
         first_speakable_at: float | None = None
         done: postprocess_pb2.Done | None = None
@@ -215,7 +427,9 @@ class Orchestrator:
         failure: LlmmeshError | None = None
         closed = False
         async with asyncio.TaskGroup() as tasks:
-            pump = tasks.create_task(self._pump(infer_request, prepared, deadline, feed, generation))
+            pump = tasks.create_task(
+                self._pump(infer_request, prepared, deadline, feed, generation, gate, first_token_timeout)
+            )
             try:
                 committed = False
                 for attempt in (1, 2):
@@ -259,6 +473,9 @@ class Orchestrator:
         if closed:
             raise GeneratorExit
         if done is None:
+            if isinstance(generation.error, _Escalate) and model is not None:
+                # What the dropped answer cost is part of the request's cost.
+                times.dropped_cost += model.price(len(prepared.input_ids), generation.error.tokens)
             # The generation's own failure explains a postprocess stream that ended without a result.
             raise generation.error or failure or Unavailable("postprocess ended the stream without a result")
         if done.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER and prepared.shareable:
@@ -271,13 +488,19 @@ class Orchestrator:
         ):
             # Ids whose text was empty (e.g. a trailing special token) still belong to the answer.
             yield generation_pb2.GenerateResponse(chunk=generation_pb2.Chunk(token_ids=done.token_ids))
+        times.first_token, times.first_speakable = first_token_at, first_speakable_at
         finished = time.monotonic()
+        started = times.started
         final = generation_pb2.Final(
             finish_reason=done.finish_reason,
-            # What the answer consumed, counted by postprocess the same way on every run (Usage's doc comment).
-            usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids), completion_tokens=done.completion_tokens),
+            # What the answer consumed, counted by postprocess the same way on every run (Usage's doc comment);
+            # a text backend's prompt as the endpoint counted it.
+            usage=generation_pb2.Usage(
+                prompt_tokens=generation.prompt_tokens or len(prepared.input_ids),
+                completion_tokens=done.completion_tokens,
+            ),
             timings=generation_pb2.Timings(
-                queue_ms=_ms(started, handed_to_model),
+                queue_ms=_ms(started, times.handed),
                 time_to_first_token_ms=_ms(started, first_token_at) if first_token_at else 0.0,
                 total_ms=_ms(started, finished),
                 time_to_first_speakable_chunk_ms=_ms(started, first_speakable_at) if first_speakable_at else 0.0,
@@ -291,7 +514,6 @@ class Orchestrator:
             if generation.reuse == generation_pb2.REUSE_NOT_SHAREABLE
             else "",
         )
-        _record(span, final, started, handed_to_model, first_token_at, first_speakable_at, finished)
         yield generation_pb2.GenerateResponse(final=final)
 
     async def _prepare(
@@ -317,9 +539,13 @@ class Orchestrator:
         deadline: _Deadline,
         feed: _Feed,
         generation: _Generation,
+        gate: _Gate | None = None,
+        first_token_timeout: float | None = None,
     ) -> None:
-        """Infer's token ids into the feed, then End. Never raises (a failure is `generation.error`, and the
-        feed then ends without End); cancelled, it closes infer's stream, which cancels the Triton request."""
+        """Infer's token ids (or a text backend's text) into the feed, then End. Never raises (a failure is
+        `generation.error`, and the feed then ends without End); cancelled, it closes infer's stream, which
+        cancels the Triton request. With a `gate` (a cascade), the first tokens wait for its decision; with
+        a `first_token_timeout` (a fallback), a model silent that long is Unavailable."""
         feed.put(
             postprocess_pb2.ProcessRequest(
                 start=postprocess_pb2.Start(
@@ -330,28 +556,63 @@ class Orchestrator:
                 )
             )
         )
+        reason = generation_pb2.FINISH_REASON_UNSPECIFIED
+        completion_tokens = 0
+
+        async def take(response: infer_pb2.InferResponse) -> None:
+            nonlocal reason, completion_tokens
+            if response.token_ids:
+                feed.put(postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=response.token_ids)))
+                await feed.caught_up()
+            elif response.text:
+                feed.put(postprocess_pb2.ProcessRequest(text=postprocess_pb2.Text(text=response.text)))
+                await feed.caught_up()
+            if response.reuse:
+                generation.reuse = response.reuse
+            if response.finish_reason:
+                reason = response.finish_reason
+                completion_tokens = response.completion_tokens
+                generation.prompt_tokens = response.prompt_tokens
+
+        held: list[infer_pb2.InferResponse] = []
+
+        async def release() -> None:
+            assert gate is not None
+            gate.decide()  # raises _Escalate: nothing held reaches postprocess
+            for response in held:
+                await take(response)
+            held.clear()
+
+        silent = False
         try:
-            reason = generation_pb2.FINISH_REASON_UNSPECIFIED
             for attempt in (1, 2):
                 received = False
                 try:
                     remaining = deadline.remaining()
                     stream = self._stages.infer.generate(request, remaining)
                     # The deadline holds even for a stage that does not keep it (the pump is a task of its own).
-                    async with asyncio.timeout(remaining), contextlib.aclosing(stream):
+                    async with asyncio.timeout(remaining) as limit, contextlib.aclosing(stream):
+                        until = limit.when()
+                        if first_token_timeout is not None:
+                            first_by = asyncio.get_running_loop().time() + first_token_timeout
+                            if until is None or first_by < until:
+                                silent = True
+                                limit.reschedule(first_by)
                         async for response in stream:
-                            received = True
-                            if response.token_ids:
-                                feed.put(
-                                    postprocess_pb2.ProcessRequest(
-                                        tokens=postprocess_pb2.Tokens(ids=response.token_ids)
-                                    )
-                                )
-                                await feed.caught_up()
-                            if response.reuse:
-                                generation.reuse = response.reuse
-                            if response.finish_reason:
-                                reason = response.finish_reason
+                            if not received:
+                                received = True
+                                if silent:
+                                    silent = False
+                                    limit.reschedule(until)
+                            if gate is not None and not gate.decided:
+                                held.append(response)
+                                gate.add(response)
+                                if gate.full or response.finish_reason:
+                                    await release()
+                                continue
+                            await take(response)
+                        if gate is not None and not gate.decided:
+                            await release()
                     break
                 except Unavailable as exc:
                     # Until infer's first response nothing of this generation exists: start it once more.
@@ -360,31 +621,41 @@ class Orchestrator:
                     log.info("stage_retry", stage="infer", request_id=request.request_id, code=exc.code.name)
             if not reason:
                 raise Unavailable("infer ended the stream without a finish reason")
-            feed.put(postprocess_pb2.ProcessRequest(end=postprocess_pb2.End(finish_reason=reason)))
+            end = postprocess_pb2.End(finish_reason=reason)
+            if prepared.backend == "openai":
+                end.completion_tokens = completion_tokens
+            feed.put(postprocess_pb2.ProcessRequest(end=end))
         except TimeoutError:
-            generation.error = DeadlineExceeded("deadline exceeded while generating")
+            generation.error = (
+                Unavailable(f"{prepared.model} sent no first token within {first_token_timeout:g} s")
+                if silent
+                else DeadlineExceeded("deadline exceeded while generating")
+            )
         except Exception as exc:  # recorded for the reader, which raises it: a task group must not see it
             generation.error = exc
         finally:
             feed.close()
 
 
-def _record(
-    span: trace.Span,
-    final: generation_pb2.Final,
-    started: float,
-    handed: float,
-    first: float | None,
-    first_speakable: float | None,
-    end: float,
-) -> None:
+def _record(span: trace.Span, final: generation_pb2.Final, times: _Times, end: float, route: str, caller: str) -> None:
     """Metrics, span attributes and the one log line of a completed request (never its text)."""
+    started, handed, first, first_speakable = times.started, times.handed, times.first_token, times.first_speakable
     reason = generation_pb2.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
     model = final.model
     usage = final.usage
     metrics.REQUESTS.labels(model, reason).inc()
     metrics.PROMPT_TOKENS.labels(model).inc(usage.prompt_tokens)
     metrics.COMPLETION_TOKENS.labels(model).inc(usage.completion_tokens)
+    who = caller or "anonymous"
+    metrics.CALLER_TOKENS.labels(model, route, who, "prompt").inc(usage.prompt_tokens)
+    metrics.CALLER_TOKENS.labels(model, route, who, "completion").inc(usage.completion_tokens)
+    metrics.CALLER_COST.labels(model, route, who).inc(usage.cost)
+    if route:
+        metrics.ROUTE_DECISIONS.labels(route, model).inc()
+    if final.reuse in _SAVED:
+        # Shared or replayed: the model generated none of this for this request.
+        metrics.REUSE_SAVED_TOKENS.labels(model, route, who).inc(usage.prompt_tokens + usage.completion_tokens)
+        metrics.REUSE_SAVED_COST.labels(model, route, who).inc(usage.cost)
     metrics.QUEUE_TIME.labels(model).observe(handed - started)
     metrics.E2E_LATENCY.labels(model).observe(end - started)
     if first is not None:
@@ -405,6 +676,8 @@ def _record(
         "request_completed",
         request_id=final.request_id,
         model=model,
+        route=final.route or None,
+        cost=usage.cost,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         finish_reason=reason,

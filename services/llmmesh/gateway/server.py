@@ -12,11 +12,13 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.logging import get_logger
+from llmmesh.common.registry import load_registry
 from llmmesh.common.server import Service, build_server, channel
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.gateway.admission import AdmissionController, AdmissionLimits
 from llmmesh.gateway.auth import AuthInterceptor, KeyTable
 from llmmesh.gateway.orchestrator import Orchestrator
+from llmmesh.gateway.routing import Router
 from llmmesh.gateway.servicer import GatewayServicer
 from llmmesh.gateway.stages import (
     Postprocess,
@@ -67,6 +69,9 @@ class GatewaySettings(ServiceSettings):
     # name, or the same peer host when auth is off), "global" (every caller), or "" = "caller" when API
     # keys are configured, else "global". Idempotency keys are always scoped by caller.
     sharing_scope: Literal["", "caller", "global"] = ""
+    # The model registry (YAML; empty = the shipped one): the models and routes a request's `model` may
+    # name. Read without tokenizers (the gateway never tokenizes).
+    model_registry: str = ""
 
     @model_validator(mode="after")
     def _public_client_auth_needs_tls(self) -> Self:
@@ -154,6 +159,9 @@ async def create_server(settings: GatewaySettings) -> Service:
     )
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
     interceptors = _auth_interceptors(settings)
+    registry = load_registry(settings.model_registry, tokenizers=False)
+    router = Router(registry)
+    log.info("model_registry", path=str(registry.path), models=len(registry.models), routes=len(registry.routes))
     scope = settings.sharing_scope or ("caller" if interceptors else "global")
     log.info("sharing_scope", scope=scope)
     service = build_server(
@@ -161,7 +169,7 @@ async def create_server(settings: GatewaySettings) -> Service:
         settings,
         [name],
         lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GatewayServicer(Orchestrator(stages, scope), admission), server
+            GatewayServicer(Orchestrator(stages, scope, router), admission, registry), server
         ),
         interceptors=interceptors,
         require_client_auth=settings.public_client_auth,

@@ -12,6 +12,7 @@ from typing import Any, cast
 import grpc.aio
 
 from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.registry import ModelRegistry
 from llmmesh.gateway.admission import AdmissionController, AdmissionLimits, check_request_id, priority_from_proto
 from llmmesh.gateway.auth import caller_identity
 from llmmesh.gateway.orchestrator import Orchestrator, with_request_id
@@ -45,10 +46,42 @@ class _Closer:
             self._task = asyncio.get_running_loop().create_task(self._stream.aclose())
 
 
+def list_models(registry: ModelRegistry) -> generation_pb2.ListModelsResponse:
+    """The registry's models and routes, as ListModels answers."""
+    return generation_pb2.ListModelsResponse(
+        models=[
+            generation_pb2.ModelInfo(
+                name=m.name,
+                aliases=m.aliases,
+                backend=m.backend,
+                default=m.default,
+                prompt_price=m.prompt_price,
+                completion_price=m.completion_price,
+            )
+            for m in registry.models
+        ],
+        routes=[
+            generation_pb2.RouteInfo(name=r.name, kind=r.kind, targets=r.targets, description=r.description())
+            for r in registry.routes
+        ],
+    )
+
+
 class GatewayServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, orchestrator: Orchestrator, admission: AdmissionController | None = None) -> None:
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        admission: AdmissionController | None = None,
+        registry: ModelRegistry | None = None,
+    ) -> None:
         self._orchestrator = orchestrator
         self._admission = admission or AdmissionController(AdmissionLimits())
+        self._models = list_models(registry) if registry is not None else generation_pb2.ListModelsResponse()
+
+    async def ListModels(
+        self, request: generation_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.ListModelsResponse:
+        return self._models
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
