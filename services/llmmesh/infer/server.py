@@ -1,7 +1,12 @@
 """Infer: settings and server assembly. SERVING only while Triton and every routed model are ready.
 
 Routes come from the model registry (llmmesh.common.registry): each model's name and aliases -> its
-`triton_model`. Infer never reads a tokenizer, so it loads the registry without them (its image has none).
+`triton_model`, or, for `backend: openai`, its OpenAI-compatible endpoint (infer/openai_backend.py). Infer
+never reads a tokenizer, so it loads the registry without them (its image has none).
+
+Readiness is Triton's alone: a remote endpoint that is slow or down fails its own requests (UNAVAILABLE),
+it never takes infer, and so the Triton models, out of service. A registry with no Triton model needs no
+Triton: infer is SERVING once started.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from llmmesh.common.registry import load_registry
 from llmmesh.common.server import Service, build_server, grpc_options
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.infer.backend import InferenceBackend, TritonBackend
+from llmmesh.infer.openai_backend import OpenAIBackend
 from llmmesh.infer.result_store import MemoryStore, RedisStore, ResultStore
 from llmmesh.infer.servicer import InferServicer
 from llmmesh.infer.sharing import SharingHub, SharingPolicy
@@ -91,17 +97,26 @@ async def create_server(settings: InferSettings, backend: InferenceBackend | Non
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-    routes = load_registry(settings.model_registry, tokenizers=False).triton_models()
+    registry = load_registry(settings.model_registry, tokenizers=False)
+    routes = registry.triton_models()
     backend = backend or TritonBackend(settings.triton_url, routes, options, settings.triton_header.get_secret_value())
     hub = SharingHub(backend, _store(settings), _policy(settings))
+    text = OpenAIBackend(registry.models)
+    servicer = InferServicer(hub, text if text.models else None)
+    if text.models:
+        log.info("openai_models", models=list(text.models))
     name = infer_pb2.DESCRIPTOR.services_by_name["InferService"].full_name
     service = build_server(
         "infer",
         settings,
         [name],
-        lambda server: infer_pb2_grpc.add_InferServiceServicer_to_server(InferServicer(hub), server),
+        lambda server: infer_pb2_grpc.add_InferServiceServicer_to_server(servicer, server),
     )
-    service.tasks.append(asyncio.create_task(_watch(service, backend, settings.health_interval_seconds)))
+    if routes:
+        service.tasks.append(asyncio.create_task(_watch(service, backend, settings.health_interval_seconds)))
+    else:
+        await service.set_serving(True)
     service.closers.append(hub.close)
     service.closers.append(backend.close)
+    service.closers.append(text.close)
     return service

@@ -1,13 +1,22 @@
-"""Infer gRPC servicer: proto ⇄ domain only; the backend does the work."""
+"""Infer gRPC servicer: proto ⇄ domain only; the backend does the work.
+
+A model served by Triton goes through the sharing hub (join, replay, generate); a model served by an
+OpenAI-compatible endpoint (`backend: openai`) streams text from `OpenAIBackend`, never shared: the hub
+shares token ids, and a remote endpoint's answer is not reproducible enough to replay as another
+request's (preprocess marks such requests not shareable and says why).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc.aio
 
+from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.logging import get_logger
 from llmmesh.infer.backend import Generation
+from llmmesh.infer.openai_backend import OpenAIBackend, TextGeneration
 from llmmesh.infer.sharing import SharingHub
 from llmmesh.stages.v1 import infer_pb2, infer_pb2_grpc
 from llmmesh.v1 import generation_pb2
@@ -36,6 +45,28 @@ def _generation_from_proto(req: infer_pb2.InferRequest) -> Generation:
     )
 
 
+def _text_generation_from_proto(req: infer_pb2.InferRequest) -> TextGeneration:
+    s = req.sampling
+    if req.HasField("chat") and req.chat.messages:
+        messages = tuple((m.role, m.content) for m in req.chat.messages)
+    elif req.prompt:
+        messages = (("user", req.prompt),)
+    else:
+        raise InvalidArgument(
+            "chat", f"model {req.model!r} is served by an OpenAI-compatible endpoint: set chat or prompt"
+        )
+    return TextGeneration(
+        request_id=req.request_id,
+        model=req.model,
+        messages=messages,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+    )
+
+
 _REUSE = {
     "none": generation_pb2.REUSE_NONE,
     "not_shareable": generation_pb2.REUSE_NOT_SHAREABLE,
@@ -48,12 +79,17 @@ _FINISH = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.F
 
 
 class InferServicer(infer_pb2_grpc.InferServiceServicer):
-    def __init__(self, hub: SharingHub) -> None:
+    def __init__(self, hub: SharingHub, text: OpenAIBackend | None = None) -> None:
         self._hub = hub
+        self._text = text
 
     async def Generate(
         self, request: infer_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[infer_pb2.InferResponse]:
+        if self._text is not None and self._text.serves(request.model):
+            async for response in self._generate_text(request, context):
+                yield response
+            return
         sub = await self._hub.subscribe(
             _generation_from_proto(request),
             request_hash=request.request_hash,
@@ -76,6 +112,30 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
         yield infer_pb2.InferResponse(
             finish_reason=_FINISH[sub.finish], completion_tokens=sub.completion_tokens, reuse=_REUSE[sub.reuse]
         )
+
+    async def _generate_text(
+        self, request: infer_pb2.InferRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[infer_pb2.InferResponse]:
+        assert self._text is not None
+        pieces = self._text.generate(_text_generation_from_proto(request), timeout=context.time_remaining())
+        first = True
+        # aclosing: however this call ends (the gateway cancelled, the client left), the HTTP stream is
+        # closed before the handler returns, so the upstream request is aborted at once.
+        async with contextlib.aclosing(pieces):
+            async for piece in pieces:
+                if piece.finish is not None:
+                    yield infer_pb2.InferResponse(
+                        text=piece.text,
+                        finish_reason=_FINISH[piece.finish],
+                        completion_tokens=piece.completion_tokens,
+                        prompt_tokens=piece.prompt_tokens,
+                        reuse=generation_pb2.REUSE_NOT_SHAREABLE,
+                    )
+                elif first:
+                    first = False
+                    yield infer_pb2.InferResponse(text=piece.text, reuse=generation_pb2.REUSE_NOT_SHAREABLE)
+                else:
+                    yield infer_pb2.InferResponse(text=piece.text)
 
     async def Forget(
         self, request: infer_pb2.ForgetRequest, context: grpc.aio.ServicerContext

@@ -3,6 +3,14 @@
 Each stage only holds back what it must: the detokenizer an incomplete character, the stop matcher a
 tail that may become a stop string, the safety layer what it has not yet checked, the chunker text up
 to the next speakable boundary. Nothing reaches the client before every stage has released it.
+
+A text pipeline (no vocabulary: a model served by an OpenAI-compatible endpoint) takes text instead of
+ids (`feed_text`) into the same stop strings, safety and chunks; its pieces carry no ids. Each text
+message counts as one unit where ids are counted (a stop string ends the answer with the message that
+completed it; a filter keeps the messages wholly delivered), and the answer's token count is the
+endpoint's own (End.completion_tokens) when the stream ends; ended early by a stop string or a filter,
+before the endpoint has reported any count, it is the number of text messages counted so far (llama.cpp,
+vLLM and TGI send one token per message, so it is the token count there; an estimate elsewhere).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmmesh.common.errors import InvalidArgument
 from llmmesh.postprocess.chunker import Chunker, ChunkingMode
 from llmmesh.postprocess.detokenizer import IncrementalDetokenizer
 from llmmesh.postprocess.textmatch import StopMatcher
@@ -73,13 +82,14 @@ class TextPipeline:
 
     def __init__(
         self,
-        token_bytes: Sequence[bytes],
+        token_bytes: Sequence[bytes] | None,
         stops: Sequence[str],
         safety: TextSafety,
         chunking: ChunkingMode = ChunkingMode.TOKEN,
     ) -> None:
+        # None: a text pipeline (the model's backend sends text; there is no vocabulary).
         self._token_bytes = token_bytes
-        self._detok = IncrementalDetokenizer(token_bytes)
+        self._detok = IncrementalDetokenizer(token_bytes) if token_bytes is not None else None
         self._stops = StopMatcher(stops)
         self._safety = safety
         self._chunker = Chunker(chunking)
@@ -89,9 +99,25 @@ class TextPipeline:
         self._ends: list[int] = []
         self._released: list[str] = []
         self._released_chars = 0
+        self._reported_tokens = 0
         self.finished = False
 
+    @property
+    def streams_text(self) -> bool:
+        return self._detok is None
+
+    async def feed_text(self, text: str) -> Output:
+        """New text from a model that sends text: one unit of the answer's count (see the module's doc)."""
+        if self._detok is not None:
+            raise InvalidArgument("text", "this model streams token ids: send tokens, not text")
+        if self.finished:
+            return Output()
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(text.encode()))
+        return await self._step(text, final=False)
+
     async def feed(self, ids: Sequence[int]) -> Output:
+        if self._detok is None or self._token_bytes is None:
+            raise InvalidArgument("tokens", "this model streams text (an OpenAI-compatible endpoint): send text")
         if self.finished:
             return Output()
         texts = self._detok.feed_each(ids)  # checks every id first
@@ -113,11 +139,13 @@ class TextPipeline:
             out.pieces = [Piece("".join(p.text for p in out.pieces), [i for p in out.pieces for i in p.ids])]
         return out
 
-    async def finish(self, reason: Finish) -> Output:
-        """End of generation: release and check what was held back, flush the last chunk."""
+    async def finish(self, reason: Finish, completion_tokens: int = 0) -> Output:
+        """End of generation: release and check what was held back, flush the last chunk. `completion_tokens`:
+        the endpoint's count, for a text pipeline (a token pipeline counts its ids)."""
         if self.finished:
             return Output()
-        return await self._step(self._detok.flush(), final=True, reason=reason)
+        self._reported_tokens = completion_tokens
+        return await self._step(self._detok.flush() if self._detok is not None else "", final=True, reason=reason)
 
     def _tokens_through(self, text_bytes: int) -> int:
         """The fewest ids whose bytes cover `text_bytes` bytes of text."""
@@ -168,7 +196,8 @@ class TextPipeline:
         if final:
             self.finished = True
             assert reason is not None
-            return Output(pieces, reason, leftover_ids=self._take_ids(), completion_tokens=len(self._ends))
+            count = self._reported_tokens if self._detok is None else len(self._ends)
+            return Output(pieces, reason, leftover_ids=self._take_ids(), completion_tokens=count)
         return Output(pieces)
 
     def _take_ids(self) -> list[int]:

@@ -1,5 +1,6 @@
 """The postprocess stage: token ids in, checked whole-character text out (detokenize, stop strings, safety,
-speakable chunks), for one stream at a time.
+speakable chunks), for one stream at a time. A model whose backend sends text (an OpenAI-compatible
+endpoint) streams Text messages instead of Tokens (never both): no detokenizer, the same rest.
 
 `PostprocessStage.process` is what the gateway calls, in its own process (this object) or over gRPC
 (`llmmesh.gateway.stages.RemotePostprocess`, served by `PostprocessServicer`). It knows nothing of gRPC:
@@ -83,11 +84,14 @@ class PostprocessStage:
                 if kind == "tokens":
                     tokens += len(message.tokens.ids)
                     out = await pipeline.feed(message.tokens.ids)
+                elif kind == "text":
+                    tokens += 1
+                    out = await pipeline.feed_text(message.text.text)
                 elif kind == "end":
                     reason = _FINISH_FROM_PROTO.get(message.end.finish_reason)
                     if reason is None:
                         raise InvalidArgument("end.finish_reason", "must be STOP, LENGTH or CANCELLED")
-                    out = await pipeline.finish(reason)
+                    out = await pipeline.finish(reason, message.end.completion_tokens)
                 else:
                     raise InvalidArgument("start", "sent twice")
                 if out.finish is Finish.CONTENT_FILTER:

@@ -1,10 +1,17 @@
-"""Request validation, chat templating and tokenization. No grpc here: errors are domain errors."""
+"""Request validation, chat templating and tokenization. No grpc here: errors are domain errors.
+
+A model served by an OpenAI-compatible endpoint (`remote`) is validated the same way (input, roles,
+sampling ranges, stop strings) but not templated nor tokenized: the endpoint does both, so its `Prepared`
+has no input ids and carries the messages exactly as they will be sent (a prompt is one user message; no
+default system prompt, which the gateway would not send). Its context length is the endpoint's to check
+(an over-long request comes back as the endpoint's 400, INVALID_ARGUMENT).
+"""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from llmmesh.common.errors import InvalidArgument
@@ -64,6 +71,10 @@ class Prepared:
     sampling: ResolvedSampling
     stop: tuple[str, ...]
     stop_token_ids: tuple[tuple[int, ...], ...]
+    # "triton" (input_ids are the model input) or "openai" (an OpenAI-compatible endpoint: `messages` are).
+    backend: str = "triton"
+    # For backend openai: the (role, content) turns sent to the endpoint.
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,14 +101,18 @@ class Preparer:
         default_system_prompt: str = "",
         limits: Limits | None = None,
         aliases: Mapping[str, str] | None = None,
+        remote: Collection[str] = (),
     ) -> None:
-        if default_model not in models:
-            raise ValueError(f"default model {default_model!r} is not among {sorted(models)}")
+        # Models served by an OpenAI-compatible endpoint: no tokenizer here.
+        self._remote = frozenset(remote)
+        known = {*models, *self._remote}
+        if default_model not in known:
+            raise ValueError(f"default model {default_model!r} is not among {sorted(known)}")
         self._models = models
         self._default_model = default_model
         # More names for the models (alias -> model name): a request is prepared, and reported, under the name.
         self._aliases = dict(aliases or {})
-        if unknown := {a: m for a, m in self._aliases.items() if m not in models}:
+        if unknown := {a: m for a, m in self._aliases.items() if m not in known}:
             raise ValueError(f"aliases of unknown models: {unknown}")
         self._system_prompt = default_system_prompt
         self._limits = limits or Limits()
@@ -106,9 +121,11 @@ class Preparer:
         self._check_input(req)
         model = req.model or self._default_model
         model = self._aliases.get(model, model)
+        if model in self._remote:
+            return self._prepare_remote(req, model)
         assets = self._models.get(model)
         if assets is None:
-            served = ", ".join(sorted([*self._models, *self._aliases]))
+            served = ", ".join(sorted([*self._models, *self._remote, *self._aliases]))
             raise InvalidArgument("model", f"unknown model {model!r}; served: {served}")
         sampling = self._resolve_sampling(req.sampling)
         stop = self._check_stop(req.sampling.stop)
@@ -131,6 +148,24 @@ class Preparer:
             sampling=sampling,
             stop=stop,
             stop_token_ids=tuple(tuple(assets.encode_text(s)) for s in stop),
+        )
+
+    def _prepare_remote(self, req: PrepareInput, model: str) -> Prepared:
+        """An OpenAI-compatible endpoint's request: validated as any other, sent as text."""
+        sampling = self._resolve_sampling(req.sampling)
+        stop = self._check_stop(req.sampling.stop)
+        messages = self._messages(req, system_prompt=False)
+        return Prepared(
+            request_id=req.request_id,
+            model=model,
+            input_ids=[],
+            end_id=0,
+            pad_id=0,
+            sampling=sampling,
+            stop=stop,
+            stop_token_ids=(),
+            backend="openai",
+            messages=tuple((m["role"], m["content"]) for m in messages),
         )
 
     def _check_input(self, req: PrepareInput) -> None:

@@ -3,10 +3,17 @@
 `PreprocessStage.prepare` is what the gateway calls, in its own process (this object) or over gRPC
 (`llmmesh.gateway.stages.RemotePreprocess`, served by `PreprocessServicer`). It knows nothing of gRPC:
 bad input raises the domain's `InvalidArgument`, a lost classifier `Unavailable` or `DeadlineExceeded`.
+
+A model served by an OpenAI-compatible endpoint gets `backend = "openai"` and no input ids; its request
+hash covers the model, the exact text of its messages, every sampling parameter, the stop strings and the
+policy version, and it is never shareable (`REMOTE_NOT_SHAREABLE` says why).
 """
 
 from __future__ import annotations
 
+import struct
+
+import xxhash
 from opentelemetry import trace
 
 from llmmesh.common.errors import InvalidArgument
@@ -16,9 +23,15 @@ from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer
 from llmmesh.stages.v1 import preprocess_pb2
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["PreprocessStage"]
+__all__ = ["REMOTE_NOT_SHAREABLE", "PreprocessStage"]
 
 _tracer = trace.get_tracer("llmmesh.preprocess")
+
+REMOTE_NOT_SHAREABLE = (
+    "served by an OpenAI-compatible endpoint: its answers are not shared nor replayed (a remote endpoint "
+    "does not promise the same text for the same request, even greedy or seeded, and the mesh's result "
+    "cache holds token ids)"
+)
 
 
 def _input_from_proto(req: generation_pb2.GenerateRequest) -> PrepareInput:
@@ -59,7 +72,20 @@ def _prepared_to_proto(p: Prepared) -> preprocess_pb2.PrepareResponse:
         sampling=sampling,
         stop=p.stop,
         stop_token_ids=[preprocess_pb2.TokenIds(ids=ids) for ids in p.stop_token_ids],
+        backend=p.backend,
     )
+
+
+def _text_request_hash(prepared: Prepared, policy_version: str) -> str:
+    """A text request's hash: dedup's (model, sampling, stop strings, policy; no ids) extended with the exact
+    text of every turn, each tagged and length-prefixed so that no two conversations hash alike."""
+    h = xxhash.xxh3_128()
+    h.update(request_hash(prepared, policy_version).encode())
+    for role, content in prepared.messages:
+        for tag, value in ((b"role", role), (b"content", content)):
+            data = value.encode()
+            h.update(tag + struct.pack("<Q", len(data)) + data)
+    return h.hexdigest()
 
 
 def _prompt_text(req: generation_pb2.GenerateRequest) -> str:
@@ -82,15 +108,19 @@ class PreprocessStage:
             raise InvalidArgument("chunking", f"unknown chunking mode {request.chunking}")
         with _tracer.start_as_current_span("template_tokenize") as span:
             prepared = self._preparer.prepare(_input_from_proto(request))
-            span.set_attributes(
-                {"gen_ai.request.model": prepared.model, "gen_ai.usage.input_tokens": len(prepared.input_ids)}
-            )
+            span.set_attribute("gen_ai.request.model", prepared.model)
+            if prepared.backend == "triton":
+                span.set_attribute("gen_ai.usage.input_tokens", len(prepared.input_ids))
         response = _prepared_to_proto(prepared)
         response.chunking = request.chunking
         policy = self._policies.current()
         response.safety_policy_version = policy.version
-        response.request_hash = request_hash(prepared, policy.version)
-        response.shareable, response.not_shareable_reason = shareability(prepared)
+        if prepared.backend == "triton":
+            response.request_hash = request_hash(prepared, policy.version)
+            response.shareable, response.not_shareable_reason = shareability(prepared)
+        else:
+            response.request_hash = _text_request_hash(prepared, policy.version)
+            response.shareable, response.not_shareable_reason = False, REMOTE_NOT_SHAREABLE
         with _tracer.start_as_current_span("safety_check_prompt") as span:
             classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
             blocked = await check_prompt(policy, _prompt_text(request), classifier, timeout)
