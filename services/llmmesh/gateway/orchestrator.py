@@ -25,16 +25,11 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+import grpc
 from opentelemetry import trace
 
 from llmmesh.common import metrics
-from llmmesh.common.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    LlmmeshError,
-    ResourceExhausted,
-    Unavailable,
-)
+from llmmesh.common.errors import DeadlineExceeded, LlmmeshError, Unavailable
 from llmmesh.common.logging import get_logger
 from llmmesh.common.registry import ModelEntry
 from llmmesh.common.telemetry import set_attributes
@@ -229,8 +224,8 @@ def _label(plan: Plan) -> str:
 _SAVED = (generation_pb2.REUSE_JOINED_IN_FLIGHT, generation_pb2.REUSE_CACHE_HIT, generation_pb2.REUSE_DEDUPLICATED)
 
 # A fallback route skips a target that failed with these before its first chunk: lost or not reachable,
-# overloaded, or not serving that model.
-_SKIPPABLE = (Unavailable, ResourceExhausted, FailedPrecondition)
+# overloaded, or not serving that model (whether the error was raised here or answered by a remote stage).
+_SKIPPABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class Orchestrator:
@@ -339,8 +334,8 @@ class Orchestrator:
                         answered = True
                         yield response
                 return
-            except _SKIPPABLE as exc:
-                if answered or index == len(plan.options) - 1:
+            except LlmmeshError as exc:
+                if exc.code not in _SKIPPABLE or answered or index == len(plan.options) - 1:
                     raise
                 skipped.append(f"{_label(option)} unavailable ({exc.code.name.lower()})")
                 log.info(

@@ -11,10 +11,18 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
-from llmmesh.common.errors import FailedPrecondition, InvalidArgument, LlmmeshError, ResourceExhausted, Unavailable
+from llmmesh.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LlmmeshError,
+    ResourceExhausted,
+    StageError,
+    Unavailable,
+)
 from llmmesh.common.model_assets import ModelAssets
 from llmmesh.common.registry import ModelRegistry, load_registry
 from llmmesh.gateway.orchestrator import Orchestrator
@@ -205,8 +213,14 @@ async def _collect(orchestrator: Orchestrator, model: str, caller: str = "alice"
 
 @pytest.mark.parametrize(
     "error",
-    [Unavailable("lost"), ResourceExhausted("queue full"), FailedPrecondition("model", "large is not loaded")],
-    ids=["unavailable", "overloaded", "not loaded"],
+    [
+        Unavailable("lost"),
+        ResourceExhausted("queue full"),
+        FailedPrecondition("model", "large is not loaded"),
+        # As a remote infer answers it: a status with its code, not one of the domain's classes.
+        StageError(grpc.StatusCode.FAILED_PRECONDITION, "triton model l is not ready"),
+    ],
+    ids=["unavailable", "overloaded", "not loaded", "not loaded, remote"],
 )
 async def test_a_fallback_skips_a_failed_model_before_the_first_chunk(
     registry: ModelRegistry, assets: ModelAssets, answer_ids: list[int], error: LlmmeshError
