@@ -12,6 +12,7 @@ import urllib.request
 import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.gateway.routing import arm_position
@@ -141,14 +142,20 @@ def _caller_cost(mesh: Mesh) -> dict[tuple[str, str], float]:
 def test_a_model_taken_down_falls_back_without_an_error(
     mesh: Mesh, gateway: generation_pb2_grpc.GenerationServiceStub
 ) -> None:
-    """Gemma unloaded from Triton: `reliable` answers with SmolLM2 and says why; the cost is counted by
-    answering model and route. Gemma is loaded again afterwards."""
+    """Gemma unloaded from Triton: infer notices and stays SERVING (SmolLM2 still answers), `reliable`
+    answers with SmolLM2 and says why; the cost is counted by answering model and route. Gemma is loaded
+    again afterwards."""
     assert mesh.triton is not None
     client = triton_grpc.InferenceServerClient(f"127.0.0.1:{mesh.ports.triton_grpc}")
     before = _caller_cost(mesh).get(("smollm2", "reliable"), 0.0)
     client.unload_model("gemma3")
     try:
         assert wait_for(lambda: not client.is_model_ready("gemma3"), 30)
+        infer_log = mesh.log_dir / "infer.log"
+        assert wait_for(lambda: '"not_ready": ["gemma3"]' in infer_log.read_text(), 10)  # infer noticed
+        with grpc.insecure_channel(mesh.address("infer")) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
         # `fresh`: generated now (an earlier test's answer from Gemma sits in the result cache).
         text, final = _generate(gateway, _req("The capital of France is", "reliable", fresh=True))
         assert text.strip()

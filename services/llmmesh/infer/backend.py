@@ -31,10 +31,13 @@ from llmmesh.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llmmesh.common.logging import get_logger
 from llmmesh.common.telemetry import client_interceptors
 from llmmesh.common.triton_auth import header_interceptors
 
 __all__ = ["TRITON_PRIORITY", "Generation", "InferenceBackend", "TokenBatch", "TritonBackend", "stop_words_tensor"]
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ class TritonBackend:
         self._channel = grpc.aio.insecure_channel(url, options=list(options), interceptors=interceptors)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._closing: set[asyncio.Task[None]] = set()
+        self._models_ready: list[str] | None = None
 
     def triton_model(self, model: str) -> str:
         try:
@@ -200,16 +204,23 @@ class TritonBackend:
             ) from None
 
     async def ready(self) -> bool:
+        """Triton is ready and so is at least one of its models: a model taken down (unloaded, failed) is
+        answered FAILED_PRECONDITION, which a fallback route skips, while the others keep serving; which
+        models are ready is logged as it changes (`triton_models_ready`)."""
         try:
             if not (await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2)).ready:
                 return False
-            for triton_model in set(self._routes.values()):
+            ready = []
+            for triton_model in sorted(set(self._routes.values())):
                 reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=triton_model), timeout=2)
-                if not reply.ready:
-                    return False
-            return True
+                if reply.ready:
+                    ready.append(triton_model)
         except grpc.aio.AioRpcError:
             return False
+        if ready != self._models_ready:
+            self._models_ready = ready
+            log.info("triton_models_ready", ready=ready, not_ready=sorted(set(self._routes.values()) - set(ready)))
+        return bool(ready)
 
     async def generate(self, gen: Generation, timeout: float | None = None) -> AsyncIterator[list[int]]:
         model = self.triton_model(gen.model)
