@@ -209,12 +209,15 @@ def _load_gguf(path: str) -> ModelAssets:
 
 
 def load_registry_assets(registry: ModelRegistry) -> dict[str, ModelAssets]:
-    """Every model's tokenizer, template and limits, by model name: what preprocess and postprocess check at
-    start. A tokenizer (GGUF or tokenizer.json) that does not load, a `context_length` above its own, or
-    `template: chat` for one with no chat template is a RegistryError naming the entry. The registry must
-    have been loaded with its tokenizers."""
+    """Every Triton model's tokenizer, template and limits, by model name: what preprocess and postprocess
+    check at start (a model behind an OpenAI-compatible endpoint tokenizes for itself: none). A tokenizer
+    (GGUF or tokenizer.json) that does not load, a `context_length` above its own, or `template: chat` for
+    one with no chat template is a RegistryError naming the entry. The registry must have been loaded with
+    its tokenizers."""
     out: dict[str, ModelAssets] = {}
     for entry in registry:
+        if entry.backend != "triton":
+            continue
         if entry.gguf_path is None:
             raise registry.error(entry, "loaded without its tokenizer (load_registry(..., tokenizers=True))")
         try:

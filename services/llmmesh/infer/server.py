@@ -1,4 +1,4 @@
-"""Infer: settings and server assembly. SERVING only while Triton and every routed model are ready.
+"""Infer: settings and server assembly. SERVING while Triton and at least one routed model are ready.
 
 Routes come from the model registry (llmmesh.common.registry): each model's name and aliases -> its
 `triton_model`, or, for `backend: openai`, its OpenAI-compatible endpoint (infer/openai_backend.py). Infer

@@ -9,15 +9,14 @@ NOT_SERVING, whatever started it (`llmmesh up`, compose, Kubernetes). Checked ev
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.logging import get_logger
-from llmmesh.common.model_assets import ModelAssets, load_registry_assets
-from llmmesh.common.registry import ModelRegistry, UnknownModel, load_registry
+from llmmesh.common.model_assets import load_registry_assets
+from llmmesh.common.registry import UnknownModel, load_registry
 from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, TritonClassifier, classifier_for
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
@@ -74,16 +73,6 @@ class StreamSafety:
         return self._stream.held_chars
 
 
-def _tokenizer_assets(registry: ModelRegistry) -> dict[str, ModelAssets]:
-    """The vocabulary of every Triton model (an OpenAI-compatible endpoint tokenizes for itself).
-    `load_registry_assets` takes a whole registry: it gets the Triton models alone (one of them default)."""
-    triton = tuple(e for e in registry if e.backend == "triton")
-    if not triton:
-        return {}
-    default = registry.default if registry.default.backend == "triton" else triton[0]
-    return load_registry_assets(ModelRegistry(tuple(replace(e, default=e is default) for e in triton), registry.path))
-
-
 def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None]:
     """The servicer and its classifier client (to close): served by `create_server`, or called in the
     gateway's own process (`llmmesh.postprocess.local`)."""
@@ -93,7 +82,7 @@ def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, 
 
 def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None, PolicyStore]:
     registry = load_registry(settings.model_registry)
-    assets = _tokenizer_assets(registry)
+    assets = load_registry_assets(registry)
     policies = PolicyStore(
         settings.safety_policy_path or None,
         extra_terms=[BlockedTerm(t, "custom") for t in settings.extra_blocked_terms],

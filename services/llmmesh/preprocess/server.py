@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from llmmesh.common.model_assets import ModelAssets, load_registry_assets
-from llmmesh.common.registry import ModelRegistry, load_registry
+from llmmesh.common.model_assets import load_registry_assets
+from llmmesh.common.registry import load_registry
 from llmmesh.common.safety import PolicyStore, TritonClassifier, classifier_for
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
@@ -46,22 +44,12 @@ class PreprocessSettings(ServiceSettings):
     triton_header: SecretStr = SecretStr("")
 
 
-def _tokenizer_assets(registry: ModelRegistry) -> dict[str, ModelAssets]:
-    """The vocabulary of every Triton model (an OpenAI-compatible endpoint tokenizes for itself).
-    `load_registry_assets` takes a whole registry: it gets the Triton models alone (one of them default)."""
-    triton = tuple(e for e in registry if e.backend == "triton")
-    if not triton:
-        return {}
-    default = registry.default if registry.default.backend == "triton" else triton[0]
-    return load_registry_assets(ModelRegistry(tuple(replace(e, default=e is default) for e in triton), registry.path))
-
-
 def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, TritonClassifier | None]:
     """The servicer (tokenizer loaded) and its classifier client (to close): served by `create_server`, or
     called in the gateway's own process (`llmmesh.preprocess.local`)."""
     registry = load_registry(settings.model_registry)
     preparer = Preparer(
-        _tokenizer_assets(registry),
+        load_registry_assets(registry),
         registry.default.name,
         settings.default_system_prompt,
         Limits(
