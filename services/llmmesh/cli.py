@@ -56,7 +56,8 @@ def stream_answer(
                         f"\n[{names(f.finish_reason).removeprefix('FINISH_REASON_').lower()}"
                         f"{' ' + f.filter_category if f.filter_category else ''}] "
                         f"{f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} completion tokens, "
-                        f"first token {f.timings.time_to_first_token_ms:.0f} ms, total {f.timings.total_ms:.0f} ms",
+                        f"first token {f.timings.time_to_first_token_ms:.0f} ms, total {f.timings.total_ms:.0f} ms; "
+                        f"model {f.model}, cost {f.usage.cost:.6f}" + (f', route "{f.route}"' if f.route else ""),
                         file=sys.stderr,
                     )
         except grpc.RpcError as exc:

