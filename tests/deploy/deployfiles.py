@@ -27,6 +27,8 @@ COMPOSE_GPU = DEPLOY / "docker-compose.yml"
 COMPOSE_CPU = DEPLOY / "docker-compose.cpu.yml"
 COMPOSE_UI = DEPLOY / "docker-compose.ui.yml"
 K8S = DEPLOY / "k8s"
+# The CPU overlay of the Kubernetes manifests (beside the base: kustomize refuses an overlay inside it).
+K8S_CPU = DEPLOY / "k8s-cpu"
 DOCKERFILE = DEPLOY / "Dockerfile"
 TRITON_MODELS = ROOT / "triton_models"
 # The Kubernetes release the manifests are validated against (kubernetes-validate's schemas).
@@ -37,8 +39,11 @@ MESH = ("preprocess", "infer", "postprocess", "gateway")
 # own switches, set by the image).
 NON_SETTINGS_ENV = frozenset(
     {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
-    | {"HF_HUB_OFFLINE"}
+    | {"HF_HUB_OFFLINE", "XDG_CACHE_HOME"}
 )
+# Image variables naming folders of the image itself (the model cache holding Gemma's assembled GGUF): a
+# service run outside the image keeps its own.
+IMAGE_PATH_ENV = frozenset({"PATH", "XDG_CACHE_HOME"})
 
 
 def free_port() -> int:
@@ -177,6 +182,21 @@ def flag_values(command: list[str], flag: str) -> list[str]:
     return [a.split("=", 1)[1] for a in command if a.startswith(f"{flag}=")]
 
 
+# ---- model registries ----------------------------------------------------------------------------
+
+
+def registry_contents(path: Path, *, aliases: bool = True) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """A registry file's models (every field its entries set, prices included) and routes, comparable between
+    files: the tokenizers are resolved (each must exist here) but where they were found is left out."""
+    from dataclasses import replace
+
+    from llmmesh.common.registry import load_registry
+
+    registry = load_registry(path)
+    models = tuple(replace(m, gguf_path=None, aliases=m.aliases if aliases else ()) for m in registry)
+    return models, registry.routes
+
+
 # ---- Kubernetes ----------------------------------------------------------------------------------
 
 
@@ -190,10 +210,96 @@ def k8s_documents() -> list[dict[str, Any]]:
     return [doc for path in kustomize_resources() for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def k8s_find(kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in k8s_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+def k8s_find(kind: str, name: str, documents: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    found = [
+        d
+        for d in (k8s_documents() if documents is None else documents)
+        if d["kind"] == kind and d["metadata"]["name"] == name
+    ]
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
+
+
+def k8s_key(doc: dict[str, Any]) -> tuple[str, str]:
+    return str(doc["kind"]), str(doc["metadata"]["name"])
+
+
+_CLUSTER_SCOPED = frozenset({"Namespace"})
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), f"not a JSON pointer: {path!r}"
+    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+
+def _json_patch(doc: Any, operations: list[dict[str, Any]], where: str) -> None:
+    """RFC 6902 add, replace and remove, in place; a path that does not exist fails as it does in kustomize."""
+    for op in operations:
+        *parents, last = _pointer(op["path"])
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        kind = op["op"]
+        if isinstance(node, list):
+            index = len(node) if last == "-" and kind == "add" else int(last)
+            assert 0 <= index <= len(node) - (kind != "add"), f"{where}: {op['path']} is not in the list"
+            if kind == "add":
+                node.insert(index, op["value"])
+            elif kind == "replace":
+                node[index] = op["value"]
+            elif kind == "remove":
+                del node[index]
+            else:
+                raise NotImplementedError(f"{where}: op {kind!r}")
+            continue
+        assert kind == "add" or last in node, f"{where}: {op['path']} does not exist"
+        if kind in ("add", "replace"):
+            node[last] = op["value"]
+        elif kind == "remove":
+            del node[last]
+        else:
+            raise NotImplementedError(f"{where}: op {kind!r}")
+
+
+def _matches(doc: dict[str, Any], target: dict[str, str]) -> bool:
+    group, _, version = str(doc["apiVersion"]).rpartition("/")
+    actual = {"kind": doc["kind"], "name": doc["metadata"]["name"], "group": group, "version": version}
+    return all(actual[key] == value for key, value in target.items())
+
+
+def kustomize_build(root: Path) -> list[dict[str, Any]]:
+    """What `kubectl kustomize root` applies, in accumulation order, for the features deploy/ uses: resources
+    (files, or folders with a kustomization), `namespace`, and `patches` that are JSON patches with a target
+    or strategic-merge deletions (`$patch: delete`). Anything else raises, so a new feature is noticed."""
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    unknown = set(kustomization) - {"apiVersion", "kind", "namespace", "resources", "patches"}
+    if unknown:
+        raise NotImplementedError(f"{root}: kustomization fields {sorted(unknown)}")
+    documents: list[dict[str, Any]] = []
+    for resource in kustomization.get("resources", []):
+        path = (root / resource).resolve()
+        if path.is_dir():
+            documents += kustomize_build(path)
+        else:
+            documents += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        where = f"{root.name}/{patch['path']}"
+        content = yaml.safe_load((root / patch["path"]).read_text())
+        if isinstance(content, list):
+            targets = [d for d in documents if _matches(d, patch["target"])]
+            assert len(targets) == 1, f"{where}: its target {patch['target']} matches {len(targets)} resources"
+            _json_patch(targets[0], content, where)
+        elif content.get("$patch") == "delete" and "target" not in patch:
+            key = k8s_key(content)
+            assert key in {k8s_key(d) for d in documents}, f"{where}: deletes {key}, which is not there"
+            documents = [d for d in documents if k8s_key(d) != key]
+        else:
+            raise NotImplementedError(f"{where}: only JSON patches and `$patch: delete` are read here")
+    if "namespace" in kustomization:
+        for doc in documents:
+            if doc["kind"] not in _CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = kustomization["namespace"]
+    return documents
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:

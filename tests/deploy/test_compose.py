@@ -99,24 +99,25 @@ def test_gpu_triton_is_ngc_trtllm_image_pinned_with_the_template() -> None:
 
 
 def test_cpu_override_replaces_the_triton_image_and_command() -> None:
-    """The CPU variant runs our triton-cpu image on Docker's default runtime, loading only the CPU model and
-    the safety classifier."""
+    """The CPU variant runs our triton-cpu image on Docker's default runtime, loading only the two CPU models
+    (SmolLM2 and Gemma 3 270M) and the safety classifier."""
     triton = CPU["services"]["triton"]
     assert triton["image"].startswith("llmmesh/triton-cpu:")
     assert triton["build"]["target"] == "triton-cpu"
     assert triton["runtime"] == "runc" and triton["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert triton["command"][0] == "tritonserver"
     assert flag_values(triton["command"], "--model-control-mode") == ["explicit"]
-    assert flag_values(triton["command"], "--load-model") == ["smollm2", "safety_classifier"]
+    assert flag_values(triton["command"], "--load-model") == ["smollm2", "gemma3", "safety_classifier"]
     assert flag_values(triton["command"], "--allow-gpu-metrics") == ["false"]
     models = [v for v in triton["volumes"] if volume_target(v) == "/models"]
     assert models == ["../triton_models:/models:ro"], "the CPU models must replace the GPU model directory"
     assert (DEPLOY / "../triton_models/smollm2/config.pbtxt").is_file()
+    assert (DEPLOY / "../triton_models/gemma3/config.pbtxt").is_file()
     # Nothing else changes between the variants but the model registry its readers mount.
     for name in (*MESH, "otel-collector", "jaeger", "prometheus", "redis"):
         gpu, cpu = dict(GPU["services"][name]), dict(CPU["services"][name])
         gpu.pop("environment", None), cpu.pop("environment", None)
-        if name in ("preprocess", "infer", "postprocess"):
+        if name in ("preprocess", "infer", "postprocess", "gateway"):
             assert gpu.pop("volumes") == ["./models.yaml:/etc/llmmesh/models.yaml:ro"], name
             assert cpu.pop("volumes") == ["./models.cpu.yaml:/etc/llmmesh/models.yaml:ro"], name
         assert gpu == cpu, name

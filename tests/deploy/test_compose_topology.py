@@ -2,9 +2,10 @@
 
 `processes`: each service of deploy/docker-compose.yml + docker-compose.cpu.yml starts as a local process
 with the environment its image and the compose file give it (compose hostnames and container ports
-mapped to free loopback ports), in compose's health-gated order, next to the real Triton serving the models
-compose loads (SmolLM2 and the safety classifier), with the trace flags compose gives it. `docker`: the same
-checks against `docker compose up`, when a Docker engine answers.
+mapped to free loopback ports; the image's own folders, such as its model cache, left to the machine's), in
+compose's health-gated order, next to the real Triton serving the models compose loads (SmolLM2, Gemma 3
+270M and the safety classifier), with the trace flags compose gives it. `docker`: the same checks against
+`docker compose up`, when a Docker engine answers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .deployfiles import (
     COMPOSE_CPU,
     COMPOSE_GPU,
     DEPLOY,
+    IMAGE_PATH_ENV,
     MESH,
     dockerfile_stages,
     duration_seconds,
@@ -168,7 +170,7 @@ class ProcessTopology:
         the paths of files compose mounts (the model registry) mapped to those files."""
         prefix = env_prefix(name)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMMESH_")}
-        env.update({k: v for k, v in self.stages[name].env.items() if k != "PATH"})
+        env.update({k: v for k, v in self.stages[name].env.items() if k not in IMAGE_PATH_ENV})
         compose_env = dict(self.services[name]["environment"])
         assert compose_env[prefix + "HOST"] == "0.0.0.0"
         mounted = {

@@ -1,6 +1,7 @@
 """Configuration is environment variables only: every variable a deployment sets for a service is one its
 settings class reads, every setting without a default is set, and the values pass the settings' own
-validation. Every service reads the same model registry, and its Triton models are the ones Triton loads."""
+validation. The gateway and the three stages read the same model registry, its Triton models are the ones
+Triton loads, and the CPU registry is the one shipped in the package."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from llmmesh.common.registry import ModelRegistry, load_registry
+from llmmesh.common.registry import DEFAULT_REGISTRY_PATH, ModelRegistry, load_registry
 
 from .deployfiles import (
     COMPOSE_CPU,
@@ -29,6 +30,7 @@ from .deployfiles import (
     flag_values,
     k8s_find,
     load_compose,
+    registry_contents,
     settings_class,
     volume_target,
 )
@@ -81,8 +83,8 @@ def test_settings_load_from_that_environment(
         assert settings.host == "0.0.0.0"
 
 
-# The services that read the model registry.
-REGISTRY_READERS = ("preprocess", "infer", "postprocess")
+# The services that read the model registry: the gateway for its routes, prices and ListModels.
+REGISTRY_READERS = ("preprocess", "infer", "postprocess", "gateway")
 
 
 def _registry_path(where: str) -> str:
@@ -132,8 +134,8 @@ def _registry(where: str, tmp_path: Path) -> ModelRegistry:
 
 @pytest.mark.parametrize("where", ["compose-gpu", "compose-cpu", "k8s"])
 def test_every_service_reads_one_valid_registry(where: str, tmp_path: Path) -> None:
-    """Preprocess, infer and postprocess get the same registry file, which loads (tokenizers included), and
-    clients' `default` is a name of its default model everywhere."""
+    """The gateway, preprocess, infer and postprocess get the same registry file, which loads (tokenizers
+    included), and clients' `default` is a name of its default model everywhere."""
     registry = _registry(where, tmp_path)
     assert registry.resolve("default") == registry.default
 
@@ -155,9 +157,25 @@ def test_gpu_routes_to_the_tensorrt_llm_model_the_fill_script_writes(tmp_path: P
 
 
 def test_cpu_routes_only_to_models_triton_loads(tmp_path: Path) -> None:
-    """infer is SERVING only when every routed model is ready: the CPU Triton loads each of them."""
+    """The CPU Triton loads every model the registry routes to (infer is SERVING with one of them ready, but a
+    model Triton does not serve would fail every request for it)."""
     loaded = flag_values(CPU["services"]["triton"]["command"], "--load-model")
     routed = set(_registry("compose-cpu", tmp_path).triton_models().values())
     assert routed <= set(loaded)
     for model in routed:
         assert (TRITON_MODELS / model / "config.pbtxt").is_file()
+    assert routed == {"smollm2", "gemma3"}
+
+
+def test_cpu_registry_is_the_shipped_one_but_for_aliases() -> None:
+    """deploy/models.cpu.yaml serves the models and routes of the registry shipped in the package (same Triton
+    models, tokenizers, templates, context lengths, prices; same routes), so the two cannot drift; only the
+    aliases may differ (`default`, which clients share with the GPU deployment)."""
+    cpu, shipped = DEPLOY / "models.cpu.yaml", DEFAULT_REGISTRY_PATH
+    assert registry_contents(cpu, aliases=False) == registry_contents(shipped, aliases=False)
+    cpu_registry, shipped_registry = load_registry(cpu, tokenizers=False), load_registry(shipped, tokenizers=False)
+    assert cpu_registry.default.name == shipped_registry.default.name
+    assert cpu_registry.resolve("default") == cpu_registry.default
+    # The shipped aliases still name the same models (a client of `gemma3` is served on both).
+    for alias, model in shipped_registry.aliases().items():
+        assert cpu_registry.resolve(alias).name == model
