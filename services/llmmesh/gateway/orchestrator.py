@@ -303,9 +303,11 @@ class Orchestrator:
             gate = _Gate(route.check_tokens, route.min_mean_logprob)
             reasons.append(f"{route.name}: cascade: {plan.first.name}")
             attempt = self._attempt(request, plan.first, deadline, caller, times, span, gate, first_token_timeout)
+            answered = False
             try:
                 async with contextlib.aclosing(attempt):
                     async for response in attempt:
+                        answered = True
                         reasons[mark] = f"{route.name}: cascade: {plan.first.name} {gate.describe()}"
                         yield response
                 return
@@ -314,6 +316,13 @@ class Orchestrator:
                     f"{route.name}: cascade: escalated (mean logprob {exc.mean:.2f} < {route.min_mean_logprob:g})"
                 )
                 log.info("cascade_escalated", request_id=request.request_id, route=route.name, mean=exc.mean)
+            except LlmmeshError as exc:
+                # A first model that cannot answer (lost, overloaded, not loaded) is passed over like an
+                # unsure one, before anything was sent.
+                if exc.code not in _SKIPPABLE or answered:
+                    raise
+                reasons[mark] = f"{route.name}: cascade: {plan.first.name} unavailable ({exc.code.name.lower()})"
+                log.info("cascade_skipped", request_id=request.request_id, route=route.name, code=exc.code.name)
             rest = self._run(plan.rest, request, deadline, caller, times, span, reasons, first_token_timeout)
             async with contextlib.aclosing(rest):
                 async for response in rest:

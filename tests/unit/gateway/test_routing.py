@@ -348,3 +348,17 @@ async def test_usage_carries_the_answering_models_cost(
     assert final.route == ""
     assert final.usage.prompt_tokens == 5 and final.usage.completion_tokens == len(answer_ids)
     assert final.usage.cost == pytest.approx((5 * 0.1 + len(answer_ids) * 0.2) / 1000)
+
+
+async def test_a_cascade_whose_first_model_cannot_answer_goes_on_to_the_next(
+    registry: ModelRegistry, assets: ModelAssets, answer_ids: list[int]
+) -> None:
+    orchestrator, _, infer = _mesh(
+        registry,
+        assets,
+        {"small": Behaviour(answer_ids, error=ResourceExhausted("queue full")), "large": Behaviour(answer_ids)},
+    )
+    text, final = await _collect(orchestrator, "careful")
+    assert (text, final.model) == (ANSWER, "large")
+    assert final.route == "careful: cascade: small unavailable (resource_exhausted)"
+    assert [m for m, _ in infer.calls] == ["small", "large"]
