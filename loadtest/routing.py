@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -267,6 +267,7 @@ async def _run(
     prompts: Sequence[Prompt],
     args: argparse.Namespace,
     keys: Sequence[tuple[str, str]],
+    save: Callable[[list[Record], dict[str, float]], None],
 ) -> tuple[list[Record], dict[str, float]]:
     records: list[Record] = []
     seconds: dict[str, float] = {}
@@ -281,6 +282,8 @@ async def _run(
             errors = sum(1 for r in got if r.error)
             print(f"{policy.name}: {len(got)} requests, {errors} errors, {seconds[policy.name]} s", file=sys.stderr)
             records.extend(got)
+            # After every policy: a run stopped part way keeps what it measured.
+            save(records, seconds)
     return records, seconds
 
 
@@ -303,36 +306,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     policies = [p for p in POLICIES if p.name in args.policies]
     started = time.time()
     load_before = os.getloadavg()
+    keys = (
+        [(e.partition(":")[0], e.partition(":")[2]) for e in args.api_key] if args.address else api_keys(args.callers)
+    )
+    summary: dict[str, dict[str, Any]] = {}
+
+    def save(records: list[Record], seconds: dict[str, float]) -> None:
+        summary.clear()
+        summary.update(summarize(records, list(seconds)))
+        result = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "command": " ".join([Path(sys.executable).name, "-m", "loadtest.routing", *(argv or sys.argv[1:])]),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+            },
+            "settings": {
+                "max_tokens": args.max_tokens,
+                "concurrency": args.concurrency,
+                "callers": len(keys) or 1,
+                "prompts": len(prompts),
+                "address": args.address or "started",
+            },
+            "seconds_per_policy": seconds,
+            "summary": summary,
+            "records": [asdict(r) for r in records],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
     if args.address:
-        keys = [(e.partition(":")[0], e.partition(":")[2]) for e in args.api_key]
-        records, seconds = asyncio.run(_run(args.address, policies, prompts, args, keys))
+        asyncio.run(_run(args.address, policies, prompts, args, keys, save))
     else:
-        keys = api_keys(args.callers)
         with tempfile.TemporaryDirectory(prefix="llmmesh-routing-") as tmp, started_mesh(Path(tmp), keys) as mesh:
-            records, seconds = asyncio.run(_run(mesh.address("gateway"), policies, prompts, args, keys))
-    summary = summarize(records, [p.name for p in policies])
-    result = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "command": " ".join([Path(sys.executable).name, "-m", "loadtest.routing", *(argv or sys.argv[1:])]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
-        "settings": {
-            "max_tokens": args.max_tokens,
-            "concurrency": args.concurrency,
-            "callers": len(keys) or 1,
-            "prompts": len(prompts),
-            "address": args.address or "started",
-        },
-        "seconds_per_policy": seconds,
-        "summary": summary,
-        "records": [asdict(r) for r in records],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            asyncio.run(_run(mesh.address("gateway"), policies, prompts, args, keys, save))
     print(markdown(summary))
     print(f"\nresults: {args.out}", file=sys.stderr)
 
