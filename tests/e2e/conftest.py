@@ -95,14 +95,16 @@ def model_counters(mesh: Mesh) -> dict[str, float]:
     with urllib.request.urlopen(mesh.triton.metrics_url, timeout=5) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
+    # Summed over the models Triton serves (smollm2 and gemma3 in a mesh with the shipped registry).
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "llmmesh_model_generated_tokens_total":
-                out["tokens"] = sample.value
+                out["tokens"] = out.get("tokens", 0.0) + sample.value
             elif sample.name == "llmmesh_model_requests_total":
-                out[sample.labels["outcome"]] = sample.value
+                outcome = sample.labels["outcome"]
+                out[outcome] = out.get(outcome, 0.0) + sample.value
             elif sample.name == "llmmesh_model_last_cancel_time_seconds":
-                out["last_cancel"] = sample.value
+                out["last_cancel"] = max(out.get("last_cancel", 0.0), sample.value)
     return out
 
 

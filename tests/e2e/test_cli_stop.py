@@ -253,7 +253,7 @@ def test_sigkill_of_the_launcher_takes_its_children_and_the_next_up_reuses_the_p
     with launcher(*args, str(tmp_path / "first")) as (proc, output, tree):
         assert output.wait_for("serving; Ctrl-C", START_BOUND_S), output.text
         stubs = lambda: sum("triton_python_backend_stub" in cmd for cmd in tree.alive().values())  # noqa: E731
-        assert wait_for(lambda: stubs() == 2, 5), tree.alive()  # smollm2's and the classifier's
+        assert wait_for(lambda: stubs() == 3, 5), tree.alive()  # smollm2, gemma3 and the classifier
         assert tree.count("tritonserver") == 1 and tree.shm, (tree.commands, tree.shm)
         assert tree.count("-m llmmesh.infer.triton_server --watchdog") == 1, tree.commands
         for service in SERVICES:

@@ -77,7 +77,7 @@ def closed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClosedMesh]:
         tls_dir=certs.directory,
         env={"LLMMESH_GATEWAY_API_KEYS": json.dumps([API_KEY])},
     )
-    assert mesh.triton_models == ("smollm2", "safety_classifier")  # what `llmmesh up` serves
+    assert mesh.served_triton_models == ("smollm2", "gemma3", "safety_classifier")  # what `llmmesh up` serves
     mesh.start()
     try:
         yield ClosedMesh(mesh, certs)
