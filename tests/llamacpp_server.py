@@ -11,6 +11,7 @@ cancelled request was aborted upstream) and `/metrics`. With an API key it refus
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,18 @@ class LlamaCppServer:
                 self.process.kill()
                 self.process.wait(10)
         self._log.close()
+
+
+@contextlib.contextmanager
+def running_llama(folder: Path, api_key: str = "") -> Iterator[LlamaCppServer]:
+    """A LlamaCppServer on a free loopback port (log in `folder`), stopped when the block ends."""
+    from llmmesh.launcher import free_port
+
+    server = LlamaCppServer(free_port(), folder / "llama.log", api_key=api_key)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def _serve(port: int, slots: int, threads: int) -> None:

@@ -16,9 +16,9 @@ import grpc
 import pytest
 import yaml
 
-from llmmesh.launcher import Mesh, MeshPorts, free_port
+from llmmesh.launcher import Mesh, MeshPorts
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
-from tests.llamacpp_server import LlamaCppServer
+from tests.llamacpp_server import LlamaCppServer, running_llama
 
 from .conftest import request, stop_cleanly
 
@@ -31,11 +31,8 @@ KEY_ENV = "LLMMESH_E2E_OPENAI_KEY"
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppServer]:
-    server = LlamaCppServer(free_port(), tmp_path_factory.mktemp("llama") / "llama.log", api_key=KEY)
-    try:
+    with running_llama(tmp_path_factory.mktemp("llama"), KEY) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _registry(directory: Path, base_url: str) -> Path:

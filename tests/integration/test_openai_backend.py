@@ -23,7 +23,7 @@ from llmmesh.launcher import free_port
 from llmmesh.stages.v1 import infer_pb2, infer_pb2_grpc, preprocess_pb2
 from llmmesh.v1 import generation_pb2
 from tests.integration.loopback import serving
-from tests.llamacpp_server import LlamaCppServer
+from tests.llamacpp_server import LlamaCppServer, running_llama
 
 KEY = "sk-llmmesh-test-0123456789abcdef"
 WRONG_KEY = "sk-wrong-key-fedcba9876543210"
@@ -35,11 +35,8 @@ STORY = "Write a very long story about a dragon who learns to cook."
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppServer]:
-    server = LlamaCppServer(free_port(), tmp_path_factory.mktemp("llama") / "llama.log", api_key=KEY)
-    try:
+    with running_llama(tmp_path_factory.mktemp("llama"), KEY) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _registry(folder: Path, base_url: str, *, triton: bool = True) -> Path:
