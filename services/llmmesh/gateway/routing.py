@@ -24,6 +24,7 @@ import xxhash
 
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.registry import ModelEntry, ModelRegistry, RouteEntry, UnknownModel
+from llmmesh.gateway.complexity import score_request
 from llmmesh.v1 import generation_pb2
 
 __all__ = ["Cascade", "Fallback", "Pick", "Plan", "Router", "arm_position"]
@@ -68,9 +69,8 @@ def arm_position(caller: str, route: str) -> float:
 
 
 def _default_scorer(request: generation_pb2.GenerateRequest) -> float:
-    from llmmesh.gateway.complexity import request_text, score
-
-    return score(request_text(request)).value
+    """The complexity score, the last user turn weighted most."""
+    return score_request(request).value
 
 
 class Router:
