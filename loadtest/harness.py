@@ -14,7 +14,7 @@ import contextlib
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -102,9 +102,9 @@ def running_mesh(
             extra["LLMMESH_PREPROCESS_SAFETY_POLICY_PATH"] = str(policy)
             extra["LLMMESH_POSTPROCESS_SAFETY_POLICY_PATH"] = str(policy)
         repository = instrument_repository(Path(tmp) / "models", ttft_ms, itl_ms, models[1:])
-        for attempt in range(3):
-            mesh = Mesh(
-                ports=MeshPorts.free(),
+        with started_on_free_ports(
+            lambda ports: Mesh(
+                ports=ports,
                 log_dir=log_dir,
                 env={**extra, **(env or {})},
                 triton_models=models,
@@ -112,18 +112,27 @@ def running_mesh(
                 model_registry=registry,
                 in_gateway=in_gateway,
             )
-            try:
-                mesh.start()  # stops whatever it started if it fails
-                break
-            except RuntimeError:
-                # Free ports are picked by binding and releasing them: on a shared machine another
-                # process may take one before a service binds it. Try again on fresh ports.
-                if attempt == 2:
-                    raise
-        try:
+        ) as mesh:
             yield mesh
-        finally:
-            mesh.stop()
+
+
+@contextlib.contextmanager
+def started_on_free_ports(make: Callable[[MeshPorts], Mesh], timeout: float = 180.0) -> Iterator[Mesh]:
+    """`make(ports)`'s mesh, started on free ports and stopped when the block ends. Free ports are picked
+    by binding and releasing them: on a shared machine another process may take one before a service binds
+    it, so a failed start is tried again on fresh ports (three tries)."""
+    for attempt in range(3):
+        mesh = make(MeshPorts.free())
+        try:
+            mesh.start(timeout=timeout)  # stops whatever it started if it fails
+            break
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
 
 
 def mesh_pids(mesh: Mesh) -> dict[str, int]:

@@ -42,8 +42,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from llmmesh.launcher import Mesh, MeshPorts
+from llmmesh.launcher import Mesh
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
+
+from .harness import started_on_free_ports
 
 __all__ = ["POLICIES", "Policy", "Prompt", "Record", "load_prompts", "markdown", "percentile", "summarize"]
 
@@ -246,19 +248,8 @@ def api_keys(callers: int) -> list[tuple[str, str]]:
 def started_mesh(log_dir: Path, keys: Sequence[tuple[str, str]]) -> Iterator[Mesh]:
     """The shipped registry's mesh (every Triton model of it, the safety classifier) on free ports."""
     env = {"LLMMESH_GATEWAY_API_KEYS": json.dumps([f"{n}:{k}" for n, k in keys])} if keys else {}
-    for attempt in range(3):
-        mesh = Mesh(ports=MeshPorts.free(), log_dir=log_dir, env=env)
-        try:
-            mesh.start(timeout=600)  # stops whatever it started if it fails
-            break
-        except RuntimeError:
-            # Free ports are picked by binding and releasing them: another process may take one first.
-            if attempt == 2:
-                raise
-    try:
+    with started_on_free_ports(lambda ports: Mesh(ports=ports, log_dir=log_dir, env=env), timeout=600) as mesh:
         yield mesh
-    finally:
-        mesh.stop()
 
 
 async def _run(
