@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sysdeps demo up test lint protos clean
+.PHONY: setup sysdeps containerdeps demo up test compose-test lint protos clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,21 @@ sysdeps:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose espeak-ng redis-server >/dev/null; } || \
 	  echo "warning: could not install docker-compose/espeak-ng/redis-server; their tests will be skipped"
 
-test: sysdeps lint
+# The container engine for the containers tests (tests/containers): Debian's podman, mmdebstrap (makes the
+# base image locally: no registry is reachable), catatonit (the pause process of `podman kube play`'s pods)
+# and docker-compose (drives podman's Docker API). Without them those tests are skipped with a reason.
+containerdeps:
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && command -v catatonit >/dev/null && command -v docker-compose >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman mmdebstrap catatonit docker-compose >/dev/null; } || \
+	  echo "warning: could not install podman/mmdebstrap/catatonit/docker-compose; the containers tests will be skipped"
+
+test: sysdeps containerdeps lint
 	$(VENV)/bin/pytest -p no:cacheprovider
+
+# Builds every image of deploy/Dockerfile, runs the CPU compose stack under podman and tests it (also part
+# of `make test`).
+compose-test: containerdeps $(STAMP)
+	$(VENV)/bin/pytest -p no:cacheprovider tests/containers
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests loadtest triton_models deploy

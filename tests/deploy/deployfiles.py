@@ -167,6 +167,14 @@ def compose_config(*files: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=DEPLOY, capture_output=True, text=True, env=env, timeout=120)
 
 
+def healthcheck_argv(service: dict[str, Any]) -> list[str]:
+    """A compose service's health check test as the argv it runs: exec form (`CMD`) as written, `CMD-SHELL`
+    split as the shell would split it (the tests here use no shell features)."""
+    test = service["healthcheck"]["test"]
+    assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL"), f"unexpected health check form {test!r}"
+    return shlex.split(test[1]) if test[0] == "CMD-SHELL" else [str(a) for a in test[1:]]
+
+
 def duration_seconds(text: str | int | float) -> float:
     """Compose durations ("30s", "1m30s", "1h") in seconds."""
     if isinstance(text, int | float):

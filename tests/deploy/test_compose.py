@@ -21,6 +21,7 @@ from .deployfiles import (
     compose_tool,
     duration_seconds,
     flag_values,
+    healthcheck_argv,
     load_compose,
     volume_target,
     yaml,
@@ -46,9 +47,7 @@ def _env(compose: dict[str, Any], service: str) -> dict[str, str]:
 
 
 def _healthcheck_test(compose: dict[str, Any], service: str) -> list[str]:
-    test = compose["services"][service]["healthcheck"]["test"]
-    assert isinstance(test, list) and test[0] == "CMD", f"{service}: exec-form healthcheck expected, got {test!r}"
-    return list(test[1:])
+    return healthcheck_argv(compose["services"][service])
 
 
 @needs_compose
@@ -133,6 +132,16 @@ def test_every_mesh_service_is_health_checked_over_the_grpc_health_protocol(comp
         assert env[prefix + "HOST"] == "0.0.0.0"
         test = _healthcheck_test(compose, name)
         assert test == ["python", "-m", "llmmesh.healthcheck", f"127.0.0.1:{env[prefix + 'PORT']}"], name
+
+
+@VARIANTS
+def test_no_exec_form_health_check_has_an_argument_with_spaces(compose: dict[str, Any]) -> None:
+    """podman's Docker-compatible API (4.3) joins an exec-form test and splits it again at spaces, so an
+    argument with a space breaks there (tests/containers); such a test is written CMD-SHELL."""
+    for name, service in compose["services"].items():
+        test = service.get("healthcheck", {}).get("test")
+        if isinstance(test, list) and test[0] == "CMD":
+            assert not any(" " in str(arg) for arg in test[1:]), f"{name}: {test!r}"
 
 
 @VARIANTS

@@ -1,11 +1,10 @@
-"""The CPU compose topology, run for real.
-
-`processes`: each service of deploy/docker-compose.yml + docker-compose.cpu.yml starts as a local process
+"""The CPU compose topology, run for real as local processes: each service of deploy/docker-compose.yml +
+docker-compose.cpu.yml starts as a local process
 with the environment its image and the compose file give it (compose hostnames and container ports
 mapped to free loopback ports; the image's own folders, such as its model cache, left to the machine's), in
 compose's health-gated order, next to the real Triton serving the models compose loads (SmolLM2, Gemma 3
-270M and the safety classifier), with the trace flags compose gives it. `docker`: the same checks against
-`docker compose up`, when a Docker engine answers.
+270M and the safety classifier), with the trace flags compose gives it. The same files in real containers:
+tests/containers.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from .deployfiles import (
     env_prefix,
     flag_values,
     free_port,
+    healthcheck_argv,
     load_compose,
     volume_target,
 )
@@ -115,8 +115,6 @@ class OtlpSink:
 
 class ProcessTopology:
     """The compose services as local processes on loopback, started and stopped in compose's order."""
-
-    kind = "processes"
 
     def __init__(self, compose: dict[str, Any], log_dir: Path) -> None:
         self.compose = compose
@@ -286,7 +284,7 @@ class ProcessTopology:
     # -- checks and stop ---------------------------------------------------------------------------
     def run_healthcheck(self, name: str) -> int:
         """Runs the service's own compose health check command, its container ports mapped to loopback."""
-        test = list(self.services[name]["healthcheck"]["test"])[1:]
+        test = healthcheck_argv(self.services[name])
         if test[0] == "redis-cli":
             port = str(self.loopback(name, 6379))
             return subprocess.run(["redis-cli", "-p", port, *test[1:]], capture_output=True, timeout=30).returncode
@@ -331,86 +329,13 @@ class ProcessTopology:
         return codes
 
 
-class DockerTopology:
-    """`docker compose up` of the same files, the gateway published on a free host port."""
-
-    kind = "docker"
-
-    def __init__(self, tool: list[str]) -> None:
-        self.tool = tool
-        self.project = f"llmmesh-test-{uuid.uuid4().hex[:8]}"
-        self.port = free_port()
-        self.gateway = f"127.0.0.1:{self.port}"
-        self.exit_codes: dict[str, int | None] | None = None
-        self.stop_seconds: dict[str, float] = {}
-        self.services = load_compose(COMPOSE_GPU, COMPOSE_CPU)["services"]
-
-    def compose(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        files = ["-f", str(COMPOSE_GPU), "-f", str(COMPOSE_CPU)]
-        env = {**os.environ, "LLMMESH_GATEWAY_PUBLISHED_PORT": str(self.port)}
-        cmd = [*self.tool, "-p", self.project, *files, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=DEPLOY)
-
-    def start(self) -> None:
-        up = self.compose("up", "-d", "--build", "--wait", "--wait-timeout", "900")
-        assert up.returncode == 0, up.stderr[-4000:]
-
-    def _ps(self) -> list[dict[str, Any]]:
-        out = self.compose("ps", "-a", "--format", "json").stdout.strip()
-        if out.startswith("["):
-            return list(json.loads(out))
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def healthy(self, name: str) -> bool:
-        return any(c["Service"] == name and c.get("Health") == "healthy" for c in self._ps())
-
-    def run_healthcheck(self, name: str) -> int:
-        return 0 if self.healthy(name) else 1
-
-    def metrics(self, name: str) -> str:
-        port = 8002 if name == "triton" else 9464
-        code = (
-            f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip(
+            "redis-server is not installed (make sysdeps installs it): compose's infer keeps its cache in Redis"
         )
-        done = self.compose("exec", "-T", name, "python3", "-c", code, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    def stop(self) -> dict[str, int | None]:
-        if self.exit_codes is not None:
-            return self.exit_codes
-        # Compose stops in reverse dependency order and waits each service's stop_grace_period itself; a
-        # service it had to kill exits 137, which the shutdown test reports.
-        self.compose("stop", timeout=300)
-        codes: dict[str, int | None] = {c["Service"]: c.get("ExitCode") for c in self._ps()}
-        self.compose("down", "-v", "--remove-orphans", timeout=300)
-        self.exit_codes = codes
-        return codes
-
-
-def _docker_compose_v2() -> list[str] | None:
-    """`docker compose` (v2, for --wait) when a Docker engine answers, else None."""
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        if subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode != 0:
-            return None
-        if subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=20).returncode == 0:
-            return ["docker", "compose"]
-    return None
-
-
-@pytest.fixture(scope="module", params=["processes", "docker"])
-def topology(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if request.param == "docker":
-        tool = _docker_compose_v2()
-        if tool is None:
-            pytest.skip("no Docker engine with the compose v2 plugin (`docker info` / `docker compose version` failed)")
-        topo: Any = DockerTopology(tool)
-    else:
-        if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-            pytest.skip(
-                "redis-server is not installed (make sysdeps installs it): compose's infer keeps its cache in Redis"
-            )
-        topo = ProcessTopology(load_compose(COMPOSE_GPU, COMPOSE_CPU), tmp_path_factory.mktemp("topology"))
+    topo = ProcessTopology(load_compose(COMPOSE_GPU, COMPOSE_CPU), tmp_path_factory.mktemp("topology"))
     try:
         topo.start()
         yield topo
@@ -488,8 +413,6 @@ def test_metrics_are_served_where_prometheus_scrapes(topology: Any, gateway: Any
 
 def test_traces_reach_the_collector_endpoint(topology: Any, gateway: Any) -> None:
     """With compose's OTLP settings, all four services and Triton export spans to the collector's address."""
-    if topology.kind != "processes":
-        pytest.skip("the collector's port is not published in the docker variant")
     _generate(gateway, "Say hi.", temperature=0.0, max_tokens=4)
     wanted = {*(f"llmmesh-{name}" for name in MESH), "triton"}
     deadline = time.monotonic() + 20
@@ -535,8 +458,6 @@ def test_a_prompt_only_the_classifier_flags_is_refused(topology: Any, gateway: A
 def test_the_classifier_checks_prompts_and_responses(topology: Any, gateway: Any) -> None:
     """A plain answer costs the classifier its prompt check (preprocess) and at least one response check
     (postprocess), counted by Triton itself."""
-    if topology.kind != "processes":
-        pytest.skip("Triton's HTTP port is not published in the docker variant")
     model = load_policy().classifier.model
     before = _classifier_requests(topology.triton, model)
     text, _, _ = _generate(gateway, f"What is the capital of France? ({uuid.uuid4().hex[:6]})", max_tokens=24)
@@ -547,8 +468,6 @@ def test_the_classifier_checks_prompts_and_responses(topology: Any, gateway: Any
 def test_postprocess_serves_only_while_triton_serves_the_classifier(topology: Any) -> None:
     """Postprocess is SERVING with the classifier loaded; unloaded, it turns NOT_SERVING (the policy needs
     it), and SERVING again once Triton loads it back, without a restart."""
-    if topology.kind != "processes":
-        pytest.skip("Triton's and postprocess's ports are not published in the docker variant")
     model = load_policy().classifier.model
     address = topology.address("postprocess")
     assert check(address) == "SERVING"
@@ -564,8 +483,6 @@ def test_postprocess_serves_only_while_triton_serves_the_classifier(topology: An
 
 def test_liveness_probe_name_is_served(topology: Any) -> None:
     """The health name the Kubernetes liveness probes ask for (`liveness`) is SERVING on every service."""
-    if topology.kind != "processes":
-        pytest.skip("the services' ports are not published in the docker variant")
     statuses = {name: check(topology.address(name), "liveness") for name in MESH}
     assert set(statuses.values()) == {"SERVING"}, statuses
 
