@@ -151,9 +151,15 @@ def base_image() -> str:
     return name
 
 
+_BUILT: dict[str, dict[str, float]] = {}
+
+
 def build_images(base: str, log_dir: Path) -> dict[str, float]:
     """Every image of deploy/Dockerfile from the local base (its PYTHON_IMAGE argument), then the test's
-    Redis and Prometheus. Returns seconds per image; a failed build raises with its log's tail."""
+    Redis and Prometheus, once per test session. Returns seconds per image; a failed build raises with its
+    log's tail."""
+    if base in _BUILT:
+        return _BUILT[base]
     seconds: dict[str, float] = {}
 
     def build(tag: str, args: list[str], name: str) -> None:
@@ -195,6 +201,7 @@ def build_images(base: str, log_dir: Path) -> dict[str, float]:
             ["-f", str(containerfile), "--build-arg", f"BASE={base}", str(HERE)],
             name,
         )
+    _BUILT[base] = seconds
     return seconds
 
 

@@ -199,6 +199,18 @@ def test_an_answer_streams_through_the_gateway_container(stack: Stack) -> None:
     assert len(chunks) > 1, "the answer came in one piece, not streamed"
     assert final.model == "smollm2"
     assert final.usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
+    # The CLI the README shows, run inside the gateway's container.
+    out = stack.exec(
+        "gateway",
+        "llmmesh",
+        "generate",
+        "What is the capital of France?",
+        "--address",
+        stack.gateway,
+        "--temperature",
+        "0",
+    )
+    assert "Paris" in out
 
 
 def test_a_repeated_greedy_request_is_a_cache_hit_from_the_redis_container(stack: Stack) -> None:
