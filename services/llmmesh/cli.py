@@ -114,6 +114,7 @@ def _up(args: argparse.Namespace) -> int:
         if endpoint:
             print(f"traces: OTLP/HTTP to {endpoint} (services and Triton)", file=sys.stderr)
         print(f"gateway (public API): {mesh.address('gateway')}", file=sys.stderr)
+        print(f"gateway (OpenAI-compatible HTTP): {mesh.http_url}/v1", file=sys.stderr)
         if args.demo is not None:
             prompt = args.demo or DEMO_PROMPT
             print(f"\ndemo> {prompt}", file=sys.stderr)

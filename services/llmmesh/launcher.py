@@ -54,6 +54,8 @@ class MeshPorts:
     preprocess_metrics: int = 9465
     infer_metrics: int = 9466
     postprocess_metrics: int = 9467
+    # The gateway's OpenAI-compatible HTTP front door.
+    gateway_http: int = 8080
 
     @classmethod
     def from_gateway(cls, gateway: int) -> MeshPorts:
@@ -134,6 +136,12 @@ class Mesh:
     def address(self, service: str) -> str:
         return f"{self.host}:{getattr(self.ports, service)}"
 
+    @property
+    def http_url(self) -> str:
+        """The gateway's OpenAI-compatible HTTP front door (https with `tls_dir`)."""
+        scheme = "https" if self.tls_dir is not None else "http"
+        return f"{scheme}://{self.host}:{self.ports.gateway_http}"
+
     def _stage_url(self, stage: str) -> str:
         return "inprocess" if stage in self.in_gateway else self.address(stage)
 
@@ -151,6 +159,7 @@ class Mesh:
                 "LLMMESH_POSTPROCESS_PORT": str(p.postprocess),
                 "LLMMESH_GATEWAY_HOST": self.host,
                 "LLMMESH_GATEWAY_PORT": str(p.gateway),
+                "LLMMESH_GATEWAY_HTTP_PORT": str(p.gateway_http),
                 "LLMMESH_GATEWAY_PREPROCESS_URL": self._stage_url("preprocess"),
                 "LLMMESH_GATEWAY_INFER_URL": self.address("infer"),
                 "LLMMESH_GATEWAY_POSTPROCESS_URL": self._stage_url("postprocess"),

@@ -47,6 +47,7 @@ MESH = ("preprocess", "infer", "postprocess", "gateway")
 STARTED = ("triton", "redis", *MESH, "prometheus")
 PORTS = (
     "GATEWAY",
+    "GATEWAY_HTTP",
     "PREPROCESS",
     "INFER",
     "POSTPROCESS",
@@ -201,6 +202,16 @@ def test_an_answer_streams_through_the_gateway_container(stack: Stack) -> None:
     assert len(chunks) > 1, "the answer came in one piece, not streamed"
     assert final.model == "smollm2"
     assert final.usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
+    # The OpenAI-compatible door of the same container.
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{stack.ports['GATEWAY_HTTP']}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        reply = json.loads(resp.read())
+    assert reply["choices"][0]["message"]["content"] and reply["model"] == "smollm2"
     # The CLI the README shows, run inside the gateway's container.
     out = stack.exec(
         "gateway",

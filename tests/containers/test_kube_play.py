@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +114,15 @@ def test_an_answer_streams_through_the_gateway_pod(kube: KubePlay) -> None:
     assert final is not None and final.model == "smollm2"
     assert "Paris" in "".join(c.text for c in chunks) and len(chunks) > 1
     assert final.usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
+
+
+def test_the_openai_port_of_the_gateway_pod_answers(kube: KubePlay) -> None:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{kube.port_for('gateway', 8080)}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        reply = json.loads(resp.read())
+    assert reply["choices"][0]["message"]["content"] and reply["model"] == "smollm2"

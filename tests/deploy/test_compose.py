@@ -180,10 +180,11 @@ def test_stop_grace_periods_outlast_each_drain(compose: dict[str, Any]) -> None:
 
 @VARIANTS
 def test_only_the_gateway_publishes_a_port(compose: dict[str, Any]) -> None:
-    """The gateway's gRPC port is the one way in from the network."""
+    """The gateway's gRPC port and its OpenAI-compatible HTTP port are the only ways in from the network."""
     published = {name: s["ports"] for name, s in compose["services"].items() if s.get("ports")}
-    assert published == {"gateway": ["50051:50051"]}
+    assert published == {"gateway": ["50051:50051", "8080:8080"]}
     assert _env(compose, "gateway")["LLMMESH_GATEWAY_PORT"] == "50051"
+    assert _env(compose, "gateway")["LLMMESH_GATEWAY_HTTP_PORT"] == "8080"
 
 
 def test_ui_override_publishes_on_loopback_only() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import ssl
 import urllib.error
 import urllib.request
 from array import array
@@ -190,6 +191,45 @@ def test_triton_http_refuses_inference_and_model_control_without_the_mesh_header
     assert _http(f"{http}/v2/models/smollm2/generate", {"input_ids": [1, 2, 3], "request_output_len": 4}) == 403
     assert _http(f"{http}/v2/repository/models/smollm2/unload", {}) == 403
     assert _http(f"{http}/v2/health/ready") == 200
+
+
+def test_the_http_front_door_refuses_generations_without_the_key(closed: ClosedMesh) -> None:
+    """The gateway's OpenAI-compatible port speaks TLS with the gRPC port's certificate and demands the
+    same key: without it every generation and the model list are 401, the model never runs; with it the
+    answer comes. Only /health answers without a key (probes carry none)."""
+    ctx = ssl.create_default_context(cafile=str(closed.certs.ca))
+    base = closed.mesh.http_url
+    assert base.startswith("https://")
+    before = _generated_tokens(closed)
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "Hi"}), ("/v1/models", None)):
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+            assert _https(f"{base}{path}", ctx, body, headers) == 401, (path, headers)
+    assert _https(f"{base}/health", ctx) == 200
+    assert _generated_tokens(closed) == before
+    assert _https(f"{base}/v1/chat/completions", ctx, chat, {"Authorization": f"Bearer {API_KEY}"}) == 200
+    # Plaintext HTTP to the TLS port gets no answer (the connection is closed).
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(base.replace("https://", "http://") + "/health", timeout=10)
+
+
+def _https(url: str, ctx: ssl.SSLContext, body: object = None, headers: dict[str, str] | None = None) -> int:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=ctx) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _generated_tokens(closed: ClosedMesh) -> float:
+    assert closed.mesh.triton is not None
+    with urllib.request.urlopen(closed.mesh.triton.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("llmmesh_model_generated_tokens")
+    )
 
 
 def test_metrics_ports_serve_no_inference(closed: ClosedMesh) -> None:

@@ -37,6 +37,11 @@ _QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 # Every RPC a service serves, by method and gRPC status code (the error table applies here too).
 RPCS = Counter("llmmesh_rpc_requests", "RPCs served, by method and status code", ["method", "code"])
+HTTP_REQUESTS = Counter(
+    "llmmesh_http_requests",
+    "Requests to the gateway's OpenAI-compatible HTTP front door, by path and status",
+    ["path", "status"],
+)
 INFLIGHT_STREAMS = Gauge("llmmesh_inflight_streams", "RPCs in progress, by method", ["method"])
 
 # Gateway: the client's view of each generation.

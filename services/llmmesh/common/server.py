@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -27,7 +28,7 @@ from llmmesh.common.settings import ServiceSettings
 from llmmesh.common.telemetry import client_interceptors, server_interceptors, setup_telemetry
 from llmmesh.common.tls import channel_credentials, server_credentials
 
-__all__ = ["Service", "build_server", "channel", "grpc_options", "run_service"]
+__all__ = ["Companion", "Service", "build_server", "channel", "grpc_options", "run_service"]
 
 log = get_logger(__name__)
 
@@ -63,6 +64,12 @@ def channel(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=options, interceptors=client_interceptors())
 
 
+class Companion(Protocol):
+    async def start(self) -> None: ...
+
+    async def drain(self, grace: float) -> None: ...
+
+
 @dataclass
 class Service:
     """A built (not yet started) server and the knobs its lifecycle needs."""
@@ -76,8 +83,14 @@ class Service:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Background tasks (health watchers) cancelled at shutdown.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Other servers of this process (the gateway's HTTP front door): started after the gRPC server, drained
+    # with it.
+    companions: list[Companion] = field(default_factory=list)
+    # Readiness, as the health service reports it ("" and the service names).
+    serving: bool = False
 
     async def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
@@ -88,12 +101,15 @@ class Service:
         # "" and the service names follow readiness (dependencies included).
         await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
         log.info("listening", port=self.port)
+        for companion in self.companions:
+            await companion.start()
 
     async def drain(self, grace: float) -> None:
         """Stops taking calls and lets the in-flight ones finish for up to `grace` seconds."""
         log.info("draining", grace_seconds=grace)
+        self.serving = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *(c.drain(grace) for c in self.companions))
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

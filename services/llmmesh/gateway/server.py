@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Self
 
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -17,9 +19,10 @@ from llmmesh.common.server import Service, build_server, channel
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.gateway.admission import AdmissionController, AdmissionLimits
 from llmmesh.gateway.auth import AuthInterceptor, KeyTable
+from llmmesh.gateway.openai_http import HttpServer, OpenAIFrontDoor
 from llmmesh.gateway.orchestrator import Orchestrator
 from llmmesh.gateway.routing import Router
-from llmmesh.gateway.servicer import GatewayServicer
+from llmmesh.gateway.servicer import GatewayServicer, list_models
 from llmmesh.gateway.stages import (
     Postprocess,
     Preprocess,
@@ -72,6 +75,9 @@ class GatewaySettings(ServiceSettings):
     # The model registry (YAML; empty = the shipped one): the models and routes a request's `model` may
     # name. Read without tokenizers (the gateway never tokenizes).
     model_registry: str = ""
+    # The OpenAI-compatible HTTP front door (openai_http.py) on this port of `host`, with the same API keys
+    # (bearer tokens), TLS certificate and client-certificate rule as the gRPC port; 0 = none.
+    http_port: int = Field(default=8080, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _public_client_auth_needs_tls(self) -> Self:
@@ -100,10 +106,21 @@ async def _watch(service: Service, channels: dict[str, grpc.aio.Channel], interv
         await asyncio.sleep(interval)
 
 
-def _auth_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterceptor]:
+def _keys(settings: GatewaySettings) -> KeyTable:
     keys = KeyTable.from_sources(settings.api_keys_file, [k.get_secret_value() for k in settings.api_keys])
     log.info("caller_auth", enabled=bool(len(keys)), keys=len(keys))
-    return [AuthInterceptor(keys)] if len(keys) else []
+    return keys
+
+
+def _http_ssl(settings: GatewaySettings) -> dict[str, Any]:
+    """uvicorn's TLS settings: the gRPC port's certificate, and its client-certificate rule."""
+    if not settings.tls_cert_file:
+        return {}
+    ssl: dict[str, Any] = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
+    if settings.public_client_auth:
+        ssl["ssl_ca_certs"] = settings.public_ca_file or settings.tls_ca_file
+        ssl["ssl_cert_reqs"] = ssl_module.CERT_REQUIRED
+    return ssl
 
 
 def _local_preprocess() -> tuple[Preprocess, Callable[[], Awaitable[None]] | None]:
@@ -158,23 +175,30 @@ async def create_server(settings: GatewaySettings) -> Service:
         )
     )
     name = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
-    interceptors = _auth_interceptors(settings)
+    keys = _keys(settings)
+    interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(keys)] if len(keys) else []
     registry = load_registry(settings.model_registry, tokenizers=False)
     router = Router(registry)
     log.info("model_registry", path=str(registry.path), models=len(registry.models), routes=len(registry.routes))
     scope = settings.sharing_scope or ("caller" if interceptors else "global")
     log.info("sharing_scope", scope=scope)
+    orchestrator = Orchestrator(stages, scope, router)
     service = build_server(
         "gateway",
         settings,
         [name],
         lambda server: generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GatewayServicer(Orchestrator(stages, scope, router), admission, registry), server
+            GatewayServicer(orchestrator, admission, registry), server
         ),
         interceptors=interceptors,
         require_client_auth=settings.public_client_auth,
         client_ca_file=settings.public_ca_file,
     )
+    if settings.http_port:
+        # The same orchestrator, admission and keys as the gRPC servicer: one mesh behind two doors.
+        front = OpenAIFrontDoor(orchestrator, admission, keys, list_models(registry), lambda: service.serving)
+        app = OpenTelemetryMiddleware(front.app, exclude_spans=["receive", "send"])
+        service.companions.append(HttpServer(app, settings.host, settings.http_port, _http_ssl(settings)))
     service.tasks.append(asyncio.create_task(_watch(service, channels, settings.health_interval_seconds)))
     for ch in channels.values():
         service.closers.append(ch.close)
