@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import procstats
-from .clients import Client, DirectClient, InferStageClient, MeshClient
+from .clients import Client, DirectClient, HttpClient, InferStageClient, MeshClient
 from .metrics import summarize
 from .runner import Level, run_level
 from .workload import WORKLOADS, BuiltWorkload, Workload, build
@@ -37,8 +37,9 @@ __all__ = ["main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # direct: Triton alone; infer: Triton + the infer stage; mesh: the gateway's public API (every stage);
-# variant: the same through a second mesh running a patched copy of the services (--variant).
-TARGETS = ("direct", "infer", "mesh", "variant")
+# http: the same mesh through the gateway's OpenAI-compatible HTTP port; variant: the same through a second
+# mesh running a patched copy of the services (--variant).
+TARGETS = ("direct", "infer", "mesh", "http", "variant")
 
 
 def _machine() -> dict[str, Any]:
@@ -97,8 +98,13 @@ def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[
         mesh = stack.enter_context(running_mesh(args.ttft_ms, args.itl_ms, log_dir, **options))
         assert mesh.triton is not None
         print(f"mesh up: gateway {mesh.address('gateway')}, logs in {log_dir}", file=sys.stderr)
-        addresses = {"direct": mesh.triton.grpc_url, "infer": mesh.address("infer"), "mesh": mesh.address("gateway")}
-        pids = dict.fromkeys(("direct", "infer", "mesh"), mesh_pids(mesh))
+        addresses = {
+            "direct": mesh.triton.grpc_url,
+            "infer": mesh.address("infer"),
+            "mesh": mesh.address("gateway"),
+            "http": mesh.http_url,
+        }
+        pids = dict.fromkeys(("direct", "infer", "mesh", "http"), mesh_pids(mesh))
         if args.variant or args.in_gateway:
             # A second mesh whose services import `llmmesh` from the given folder first: a patched copy
             # of services/, measured side by side with this checkout's under the same load and noise. Or
@@ -122,10 +128,11 @@ def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[
 
 
 def _clients(args: argparse.Namespace, built: BuiltWorkload, addresses: dict[str, str]) -> dict[str, Client]:
-    kinds: dict[str, type[DirectClient] | type[InferStageClient] | type[MeshClient]] = {
+    kinds: dict[str, type[DirectClient] | type[InferStageClient] | type[MeshClient] | type[HttpClient]] = {
         "direct": DirectClient,
         "infer": InferStageClient,
         "mesh": MeshClient,
+        "http": HttpClient,
         "variant": MeshClient,
     }
     return {t: kinds[t](addresses[t], built, args.request_timeout) for t in args.targets}
@@ -337,6 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     seq.add_argument("--check", action="store_true", help="only check that the stored ids are current")
     seq.set_defaults(func=_sequence)
 
+    from .aiperf_http import add_parser as add_aiperf
     from .first_token import add_parser as add_first_token
     from .perf_analyzer import add_parser as add_perf_analyzer
     from .profile import add_parser as add_profile
@@ -344,6 +352,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_first_token(sub)
     add_perf_analyzer(sub)
+    add_aiperf(sub)
     add_profile(sub)
     add_soak(sub)
     return parser

@@ -16,20 +16,23 @@ library makes) so that the load generator, which shares the machine's two cores,
 
 from __future__ import annotations
 
+import json
 from time import perf_counter
 from typing import Protocol
 
 import grpc
 import grpc.aio
+import httpx2
+from google.protobuf.json_format import MessageToDict
 from tritonclient.grpc import service_pb2_grpc
 
 from llmmesh.stages.v1 import infer_pb2_grpc
-from llmmesh.v1 import generation_pb2_grpc
+from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
 from .metrics import RequestRecord
 from .workload import BuiltWorkload
 
-__all__ = ["CHANNEL_OPTIONS", "Client", "DirectClient", "InferStageClient", "MeshClient"]
+__all__ = ["CHANNEL_OPTIONS", "Client", "DirectClient", "HttpClient", "InferStageClient", "MeshClient"]
 
 # Large messages allowed, no compression (the default), no keepalive pings: a benchmark's connections
 # are never idle for long, and pings a server finds too frequent end with GOAWAY too_many_pings.
@@ -196,3 +199,76 @@ class InferStageClient(_StreamClient):
             record.error = "INCOMPLETE"
         elif self._expected is not None and ids != self._expected:
             record.error = "WRONG_OUTPUT"
+
+
+class HttpClient:
+    """The gateway's OpenAI-compatible port (`POST /v1/chat/completions`, `stream: true` with usage), with
+    the mesh client's requests as OpenAI bodies: the same mesh behind the other door. A chunk is an event
+    that carries text; tokens are counted from the usage the stream ends with (OpenAI's chunks carry no
+    token ids), so the per-chunk token counts are 0 and the running total moves at the end of a stream."""
+
+    name = "http"
+
+    def __init__(self, url: str, workload: BuiltWorkload, timeout: float = 60.0) -> None:
+        self._client = httpx2.AsyncClient(base_url=url, timeout=timeout, limits=httpx2.Limits(max_connections=1024))
+        self._bodies = [_openai_body(r) for r in workload.mesh_requests]
+        self.tokens_received = 0
+        self.messages_received = 0
+
+    async def run(self, index: int, record: RequestRecord) -> None:
+        body = self._bodies[index % len(self._bodies)]
+        usage = None
+        try:
+            async with self._client.stream("POST", "/v1/chat/completions", content=body) as response:
+                if response.status_code != 200:
+                    record.error = f"HTTP_{response.status_code}"
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        record.end = perf_counter()
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        record.error = "STREAM_ERROR"
+                        return
+                    if event["choices"] and event["choices"][0]["delta"].get("content"):
+                        now = perf_counter()
+                        if record.first_token is None:
+                            record.first_token = now
+                        record.chunk_times.append(now)
+                        record.chunk_tokens.append(0)
+                        self.messages_received += 1
+                    if event.get("usage"):
+                        usage = event["usage"]
+        except httpx2.HTTPError as exc:
+            record.error = type(exc).__name__
+            return
+        if record.end is None or usage is None:
+            record.error = "INCOMPLETE"
+            return
+        record.output_tokens = usage["completion_tokens"]
+        self.tokens_received += record.output_tokens
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+_OPENAI_SAMPLING = ("max_tokens", "temperature", "top_p", "seed", "stop")
+
+
+def _openai_body(request: generation_pb2.GenerateRequest) -> bytes:
+    """The OpenAI chat request for a mesh request (chat turns, model, sampling)."""
+    sampling = MessageToDict(request.sampling, preserving_proto_field_name=True)
+    sampling["seed"] = int(sampling["seed"]) if "seed" in sampling else None
+    body = {
+        "model": request.model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        or [{"role": "user", "content": request.prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **{k: v for k, v in sampling.items() if k in _OPENAI_SAMPLING and v is not None},
+    }
+    return json.dumps(body).encode()

@@ -456,7 +456,15 @@ class HttpServer:
         import uvicorn
 
         self._config = uvicorn.Config(
-            app, host=host, port=port, loop="none", lifespan="off", log_config=None, access_log=False, **ssl
+            app,
+            host=host,
+            port=port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            **ssl,
         )
         self._server = uvicorn.Server(self._config)
         self._loop: asyncio.Task[None] | None = None
