@@ -203,13 +203,19 @@ class Mesh:
     def start_service(
         self, name: str, key: str | None = None, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        """Starts service `name`, kept in `procs[key]` (default: its name), with `env` over the mesh's."""
+        """Starts service `name`, kept in `procs[key]` (default: its name), with `env` over the mesh's.
+
+        A second gateway (`key` other than "gateway") gets a free port for its HTTP front door unless `env`
+        names one: the mesh's own is taken by the first."""
         key = key or name
+        env = dict(env or {})
+        if name == "gateway" and key != name:
+            env.setdefault("LLMMESH_GATEWAY_HTTP_PORT", str(free_port()))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{key}.log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"llmmesh.{name}"],
-                env={**self._service_env(), **(env or {})},
+                env={**self._service_env(), **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
