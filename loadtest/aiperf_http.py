@@ -91,34 +91,31 @@ def run_aiperf(
     return dict(json.loads((out / "profile_export_aiperf.json").read_text()))
 
 
-def _aiperf_row(summary: dict[str, Any]) -> dict[str, float | None]:
-    def stat(metric: str, key: str) -> float | None:
-        entry = summary.get(metric) or {}
-        value = entry.get(key) if isinstance(entry, dict) else None
-        return float(value) if value is not None else None
+def _stat(summary: dict[str, Any], metric: str, key: str) -> float | None:
+    """`summary[metric][key]` as a float; None where either is missing."""
+    entry = summary.get(metric) or {}
+    value = entry.get(key) if isinstance(entry, dict) else None
+    return float(value) if value is not None else None
 
+
+def _aiperf_row(summary: dict[str, Any]) -> dict[str, float | None]:
     return {
-        "ttft_p50_ms": stat("time_to_first_token", "p50"),
-        "ttft_p99_ms": stat("time_to_first_token", "p99"),
-        "itl_p50_ms": stat("inter_token_latency", "p50"),
-        "itl_p99_ms": stat("inter_token_latency", "p99"),
-        "output_tokens_per_s": stat("output_token_throughput", "avg"),
-        "requests": stat("request_count", "avg"),
-        "errors": stat("error_request_count", "avg") or 0.0,  # absent when there were none
+        "ttft_p50_ms": _stat(summary, "time_to_first_token", "p50"),
+        "ttft_p99_ms": _stat(summary, "time_to_first_token", "p99"),
+        "itl_p50_ms": _stat(summary, "inter_token_latency", "p50"),
+        "itl_p99_ms": _stat(summary, "inter_token_latency", "p99"),
+        "output_tokens_per_s": _stat(summary, "output_token_throughput", "avg"),
+        "requests": _stat(summary, "request_count", "avg"),
+        "errors": _stat(summary, "error_request_count", "avg") or 0.0,  # absent when there were none
     }
 
 
 def _loadtest_row(summary: dict[str, Any]) -> dict[str, float | None]:
-    def stat(metric: str, key: str) -> float | None:
-        entry = summary.get(metric) or {}
-        value = entry.get(key) if isinstance(entry, dict) else None
-        return float(value) if value is not None else None
-
     return {
-        "ttft_p50_ms": stat("ttft_ms", "p50"),
-        "ttft_p99_ms": stat("ttft_ms", "p99"),
-        "itl_p50_ms": stat("itl_ms", "p50"),
-        "itl_p99_ms": stat("itl_ms", "p99"),
+        "ttft_p50_ms": _stat(summary, "ttft_ms", "p50"),
+        "ttft_p99_ms": _stat(summary, "ttft_ms", "p99"),
+        "itl_p50_ms": _stat(summary, "itl_ms", "p50"),
+        "itl_p99_ms": _stat(summary, "itl_ms", "p99"),
         "output_tokens_per_s": float(summary["output_tokens_per_s"]) if "output_tokens_per_s" in summary else None,
         "requests": float(summary.get("completed", 0)),
         "errors": float(sum((summary.get("errors") or {}).values())),

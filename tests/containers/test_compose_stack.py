@@ -29,8 +29,8 @@ import pytest
 import yaml
 
 from llmmesh.healthcheck import check
-from llmmesh.launcher import free_port
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
+from tests.deploy.deployfiles import free_port_besides
 from tests.e2e.otlp_receiver import OtlpReceiver
 
 from . import engine
@@ -126,14 +126,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     build_seconds = {"base": time.monotonic() - began, **engine.build_images(base, run_dir)}
     print(f"\nimages: {json.dumps({k: round(v, 1) for k, v in build_seconds.items()})}")
 
-    taken: set[int] = set()
     ports: dict[str, int] = {}
     for name in PORTS:
-        port = free_port()
-        while port in taken:
-            port = free_port()
-        ports[name] = port
-        taken.add(port)
+        ports[name] = free_port_besides(ports.values())
     otlp = OtlpReceiver()
     otlp.start()
     variables = {f"CT_{k}_PORT": str(v) for k, v in ports.items()}

@@ -17,9 +17,8 @@ import pytest
 import yaml
 
 from llmmesh.healthcheck import check
-from llmmesh.launcher import free_port
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
-from tests.deploy.deployfiles import kustomize_build
+from tests.deploy.deployfiles import free_port_besides, kustomize_build
 from tests.e2e.otlp_receiver import OtlpReceiver
 
 from . import engine
@@ -44,11 +43,7 @@ class KubePlay:
 
     def port_for(self, deployment: str, container_port: int) -> int:
         if (deployment, container_port) not in self.ports:
-            taken = set(self.ports.values())
-            port = free_port()
-            while port in taken:
-                port = free_port()
-            self.ports[(deployment, container_port)] = port
+            self.ports[(deployment, container_port)] = free_port_besides(self.ports.values())
         return self.ports[(deployment, container_port)]
 
     def pods(self) -> dict[str, dict[str, str]]:

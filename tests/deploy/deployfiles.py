@@ -12,7 +12,7 @@ import shlex
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_besides(taken: Collection[int]) -> int:
+    """A free loopback port that is none of `taken` (ports picked earlier and not bound yet)."""
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return port
 
 
 def settings_class(service: str) -> Any:

@@ -44,7 +44,7 @@ from .deployfiles import (
     duration_seconds,
     env_prefix,
     flag_values,
-    free_port,
+    free_port_besides,
     healthcheck_argv,
     load_compose,
     volume_target,
@@ -135,11 +135,7 @@ class ProcessTopology:
     def loopback(self, host: str, port: int) -> int:
         """The free loopback port that stands for `host:port` inside the compose network."""
         if (host, port) not in self.ports:
-            taken = set(self.ports.values())
-            new = free_port()
-            while new in taken:
-                new = free_port()
-            self.ports[(host, port)] = new
+            self.ports[(host, port)] = free_port_besides(self.ports.values())
         return self.ports[(host, port)]
 
     def translate(self, value: str) -> str:
