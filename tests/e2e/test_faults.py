@@ -344,6 +344,37 @@ class _Broken(
         await context.abort(grpc.StatusCode.UNAVAILABLE, "broken replica")
         yield postprocess_pb2.ProcessResponse()
 
+    # The gateway's multiplexed calls (llmmesh.common.mux): each request on them counts as a call, and the
+    # whole call fails as the per-request ones above do.
+    async def GenerateStreams(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[infer_pb2.InferStreamOps], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[infer_pb2.InferStreamEvents]:
+        async for frame in request_iterator:
+            opened = [op.open.request_id for op in frame.ops if op.HasField("open")]
+            for request_id in opened:
+                self.calls["Generate"] += 1
+                self.seen.append(("Generate", request_id))
+            if opened:
+                break
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "broken replica")
+        yield infer_pb2.InferStreamEvents()
+
+    async def ProcessStreams(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[postprocess_pb2.ProcessStreamOps], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[postprocess_pb2.ProcessStreamEvents]:
+        seen: Counter[int] = Counter()
+        async for frame in request_iterator:
+            for op in frame.ops:
+                if op.HasField("message"):
+                    if op.message.HasField("start"):
+                        self.calls["Process"] += 1
+                        self.seen.append(("Process", op.message.start.request_id))
+                    seen[op.stream] += 1
+            if seen and max(seen.values()) >= 3:
+                break
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "broken replica")
+        yield postprocess_pb2.ProcessStreamEvents()
+
 
 async def test_broken_replicas_are_retried_before_the_first_token(
     fault_mesh: Mesh, stub: generation_pb2_grpc.GenerationServiceStub

@@ -35,6 +35,7 @@ __all__ = [
     "StatusInterceptor",
     "Unavailable",
     "from_rpc_error",
+    "retry_after_of",
     "retry_status",
     "status_of",
 ]
@@ -161,14 +162,14 @@ async def _abort(method: str, context: grpc.aio.ServicerContext, exc: Exception)
     else:
         code, message = mapped
         log.info("request_failed", code=code.name, message=message, method=method)
-        retry_after = _retry_after(exc)
+        retry_after = retry_after_of(exc)
         if retry_after is not None:
             await context.abort_with_status(retry_status(code, message, retry_after))
         else:
             await context.abort(code, message)
 
 
-def _retry_after(exc: Exception) -> float | None:
+def retry_after_of(exc: Exception) -> float | None:
     """A shed request's retry hint: ours, or a stage's (its `retry-after-ms` trailer), passed on to the caller."""
     if isinstance(exc, (ResourceExhausted, StageError)):
         return exc.retry_after

@@ -86,10 +86,13 @@ def tracing_enabled() -> bool:
 
 
 def _traced() -> Any:
-    """Which calls get spans: all but health checks, Triton readiness polls and reflection.
+    """Which calls get spans: all but health checks, Triton readiness polls, reflection and the stages'
+    multiplexed calls.
 
     Probes and the services' own watchers make those every few seconds; traced, they would bury the
-    requests' traces in one-span traces (hundreds a minute on a mesh at rest).
+    requests' traces in one-span traces (hundreds a minute on a mesh at rest). A multiplexed call lives for
+    minutes and carries many requests: each request gets its own client and server span instead
+    (llmmesh.common.mux), in its own trace.
     """
     from opentelemetry.instrumentation.grpc import filters
 
@@ -99,6 +102,8 @@ def _traced() -> Any:
             filters.service_prefix("grpc.reflection."),
             filters.full_method_name("/inference.GRPCInferenceService/ServerReady"),
             filters.full_method_name("/inference.GRPCInferenceService/ModelReady"),
+            filters.full_method_name("/llmmesh.stages.v1.InferService/GenerateStreams"),
+            filters.full_method_name("/llmmesh.stages.v1.PostprocessService/ProcessStreams"),
         )
     )
 

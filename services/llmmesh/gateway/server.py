@@ -52,6 +52,11 @@ class GatewaySettings(ServiceSettings):
     health_interval_seconds: float = Field(default=1.0, gt=0)
     # A request waits at most this long for an unconnected stage before failing with UNAVAILABLE.
     stage_connect_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Requests go to infer and postprocess as streams on a few long-lived calls per stage (llmmesh.common.mux):
+    # this many calls per stage, each taking new requests for `stage_call_seconds` before a new call (over
+    # the round-robin channel: maybe to another replica) takes its place.
+    stage_calls: int = Field(default=2, ge=1)
+    stage_call_seconds: float = Field(default=5.0, gt=0)
 
     # Admission control (admission.py): generations in flight, requests waiting for a slot (interactive
     # ahead of batch), and a per-client token bucket (requests a second, burst; 0 = no rate limit).
@@ -144,6 +149,9 @@ async def create_server(settings: GatewaySettings) -> Service:
     channels: dict[str, grpc.aio.Channel] = {"infer": channel(settings.infer_url, settings)}
     closers: list[Callable[[], Awaitable[None]]] = []
 
+    def muxed(adapter: Callable[..., Any]) -> Callable[[grpc.aio.Channel], Any]:
+        return lambda ch: adapter(ch, settings.stage_calls, settings.stage_call_seconds)
+
     def stage(name: str, url: str, build_local: Callable[[], tuple[Any, Any]], remote: Callable[[Any], Any]) -> Any:
         """The stage's interface: the stage itself when `url` is "inprocess", else its gRPC adapter."""
         if url == INPROCESS:
@@ -155,7 +163,9 @@ async def create_server(settings: GatewaySettings) -> Service:
         return remote(channels[name])
 
     preprocess: Preprocess = stage("preprocess", settings.preprocess_url, _local_preprocess, RemotePreprocess)
-    postprocess: Postprocess = stage("postprocess", settings.postprocess_url, _local_postprocess, RemotePostprocess)
+    postprocess: Postprocess = stage(
+        "postprocess", settings.postprocess_url, _local_postprocess, muxed(RemotePostprocess)
+    )
     log.info(
         "stages",
         preprocess=settings.preprocess_url,
@@ -164,7 +174,7 @@ async def create_server(settings: GatewaySettings) -> Service:
     )
     stages = Stages(
         preprocess=preprocess,
-        infer=RemoteInfer(channels["infer"]),
+        infer=muxed(RemoteInfer)(channels["infer"]),
         postprocess=postprocess,
         channels=channels,
         connect_timeout=settings.stage_connect_timeout_seconds,

@@ -21,6 +21,7 @@ import grpc
 import grpc.aio
 
 from llmmesh.common.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from llmmesh.common.mux import MuxClient, MuxStream, client_trace, error_of
 from llmmesh.stages.v1 import (
     infer_pb2,
     infer_pb2_grpc,
@@ -28,6 +29,7 @@ from llmmesh.stages.v1 import (
     postprocess_pb2_grpc,
     preprocess_pb2,
     preprocess_pb2_grpc,
+    streams_pb2,
 )
 from llmmesh.v1 import generation_pb2
 
@@ -75,21 +77,65 @@ class RemotePreprocess:
             raise from_rpc_error(exc, "preprocess") from None
 
 
+_GENERATE = "/llmmesh.stages.v1.InferService/Generate"
+_PROCESS = "/llmmesh.stages.v1.PostprocessService/Process"
+
+
+def _header(timeout: float | None, carrier: dict[str, str]) -> streams_pb2.StreamHeader:
+    return streams_pb2.StreamHeader(timeout_s=timeout or 0.0, trace_context=carrier)
+
+
+def _merged(responses: list[infer_pb2.InferResponse]) -> list[infer_pb2.InferResponse]:
+    """Responses that arrived together, token ids (or text) of consecutive ones joined: one message on."""
+    out: list[infer_pb2.InferResponse] = []
+    for response in responses:
+        last = out[-1] if out else None
+        if last is not None and not last.finish_reason and not response.finish_reason and not response.reuse:
+            last.token_ids.extend(response.token_ids)
+            last.log_probs.extend(response.log_probs)
+            last.text += response.text
+        else:
+            out.append(response)
+    return out
+
+
 class RemoteInfer:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    """Generations on a few long-lived `GenerateStreams` calls (llmmesh.common.mux), one stream each."""
+
+    def __init__(self, channel: grpc.aio.Channel, calls: int = 2, call_seconds: float = 5.0) -> None:
         self._stub = infer_pb2_grpc.InferServiceStub(channel)
+        self._mux = MuxClient(
+            "infer",
+            self._stub.GenerateStreams,
+            lambda ops: infer_pb2.InferStreamOps(ops=ops),
+            lambda stream: infer_pb2.InferStreamOp(stream=stream, cancel=True),
+            calls=calls,
+            max_age=call_seconds,
+            alone=lambda op: op.HasField("open"),
+        )
 
     async def generate(
         self, request: infer_pb2.InferRequest, timeout: float | None = None
     ) -> AsyncGenerator[infer_pb2.InferResponse, None]:
-        call = self._stub.Generate(request, timeout=timeout)
-        try:
-            async for response in call:
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "infer") from None
-        finally:
-            call.cancel()  # no-op once the call has ended; else the Triton request is cancelled
+        with client_trace(_GENERATE) as carrier:
+            stream = self._mux.open(timeout)
+            stream.send(infer_pb2.InferStreamOp(stream=stream.id, open=request, header=_header(timeout, carrier)))
+            try:
+                while True:
+                    responses: list[infer_pb2.InferResponse] = []
+                    for event in await stream.events():
+                        if event.HasField("end"):
+                            stream.finish()
+                            for response in _merged(responses):
+                                yield response
+                            if event.end.code:
+                                raise error_of(event.end)
+                            return
+                        responses.append(event.response)
+                    for response in _merged(responses):
+                        yield response
+            finally:
+                stream.close()  # no-op once it ended; else the Triton request is cancelled
 
     async def forget(self, request_hash: str) -> None:
         try:
@@ -99,26 +145,58 @@ class RemoteInfer:
 
 
 class RemotePostprocess:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    """Streams on a few long-lived `ProcessStreams` calls (llmmesh.common.mux)."""
+
+    def __init__(self, channel: grpc.aio.Channel, calls: int = 2, call_seconds: float = 5.0) -> None:
         self._stub = postprocess_pb2_grpc.PostprocessServiceStub(channel)
+        self._mux = MuxClient(
+            "postprocess",
+            self._stub.ProcessStreams,
+            lambda ops: postprocess_pb2.ProcessStreamOps(ops=ops),
+            lambda stream: postprocess_pb2.ProcessStreamOp(stream=stream, cancel=True),
+            calls=calls,
+            max_age=call_seconds,
+        )
 
     async def process(
         self, requests: AsyncIterable[postprocess_pb2.ProcessRequest], timeout: float | None = None
     ) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
-        # grpc reads `requests` on a task of its own, concurrently with our reads: that task is the pump.
-        call = self._stub.Process(aiter(requests), timeout=timeout)
-        done = False
-        try:
-            async for response in call:
-                done = done or response.HasField("done")
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            # After Done the stream's answer is complete: postprocess ended its side (a stop string, a
-            # filter) while grpc was still writing what followed, which grpc reports as an error of its own.
-            if not done:
-                raise from_rpc_error(exc, "postprocess") from None
-        finally:
-            call.cancel()
+        with client_trace(_PROCESS) as carrier:
+            stream = self._mux.open(timeout)
+            sender = asyncio.create_task(self._send(stream, requests, _header(timeout, carrier)))
+            done = False
+            try:
+                while True:
+                    responses: list[postprocess_pb2.ProcessResponse] = []
+                    for event in await stream.events():
+                        if event.HasField("end"):
+                            stream.finish()
+                            for response in responses:
+                                yield response
+                            # After Done the answer is complete, whatever came after it.
+                            if event.end.code and not done:
+                                raise error_of(event.end)
+                            return
+                        done = done or event.response.HasField("done")
+                        responses.append(event.response)
+                    for response in responses:
+                        yield response
+            finally:
+                sender.cancel()
+                stream.close()
+
+    @staticmethod
+    async def _send(
+        stream: MuxStream, requests: AsyncIterable[postprocess_pb2.ProcessRequest], header: streams_pb2.StreamHeader
+    ) -> None:
+        first = True
+        async for message in requests:
+            op = postprocess_pb2.ProcessStreamOp(stream=stream.id, message=message)
+            if first:
+                first = False
+                op.header.CopyFrom(header)
+            stream.send(op)
+        stream.send(postprocess_pb2.ProcessStreamOp(stream=stream.id, close=True))
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ async def create_server(settings: InferSettings, backend: InferenceBackend | Non
         [name],
         lambda server: infer_pb2_grpc.add_InferServiceServicer_to_server(servicer, server),
     )
+    service.companions.append(servicer.mux)
     if routes:
         service.tasks.append(asyncio.create_task(_watch(service, backend, settings.health_interval_seconds)))
     else:

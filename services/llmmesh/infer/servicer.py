@@ -9,19 +9,20 @@ request's (preprocess marks such requests not shareable and says why).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc.aio
 
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.logging import get_logger
+from llmmesh.common.mux import Inbox, MuxServer
 from llmmesh.infer.backend import Generation
 from llmmesh.infer.openai_backend import OpenAIBackend, TextGeneration
 from llmmesh.infer.sharing import SharingHub
 from llmmesh.stages.v1 import infer_pb2, infer_pb2_grpc
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["InferServicer"]
+__all__ = ["GENERATE", "InferServicer"]
 
 log = get_logger(__name__)
 
@@ -78,16 +79,60 @@ _REUSE = {
 _FINISH = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.FINISH_REASON_LENGTH}
 
 
+# The per-request method: what each generation on a GenerateStreams call is counted and traced as.
+GENERATE = "/llmmesh.stages.v1.InferService/Generate"
+
+
+def _op_kind(op: infer_pb2.InferStreamOp) -> str:
+    return op.WhichOneof("kind") or "none"
+
+
+def _no_message(op: infer_pb2.InferStreamOp) -> None:
+    return None
+
+
+def _events(events: list[infer_pb2.InferStreamEvent]) -> infer_pb2.InferStreamEvents:
+    return infer_pb2.InferStreamEvents(events=events)
+
+
 class InferServicer(infer_pb2_grpc.InferServiceServicer):
     def __init__(self, hub: SharingHub, text: OpenAIBackend | None = None) -> None:
         self._hub = hub
         self._text = text
+        # The GenerateStreams calls: a companion of the service, so that draining ends them.
+        self.mux = MuxServer("infer")
 
     async def Generate(
         self, request: infer_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[infer_pb2.InferResponse]:
+        async for response in self.responses(request, context.time_remaining()):
+            yield response
+
+    async def GenerateStreams(
+        self, request_iterator: AsyncIterator[infer_pb2.InferStreamOps], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[infer_pb2.InferStreamEvents]:
+        async for frame in self.mux.serve(
+            request_iterator,
+            method=GENERATE,
+            kind=_op_kind,
+            message=_no_message,
+            handler=self._open,
+            event=infer_pb2.InferStreamEvent,
+            frame=_events,
+        ):
+            yield frame
+
+    def _open(
+        self, op: infer_pb2.InferStreamOp, inbox: Inbox, timeout: float | None
+    ) -> AsyncGenerator[infer_pb2.InferResponse, None]:
+        return self.responses(op.open, timeout)
+
+    async def responses(
+        self, request: infer_pb2.InferRequest, timeout: float | None
+    ) -> AsyncGenerator[infer_pb2.InferResponse, None]:
+        """One generation's responses, whichever call it came on."""
         if self._text is not None and self._text.serves(request.model):
-            async for response in self._generate_text(request, context):
+            async for response in self._generate_text(request, timeout):
                 yield response
             return
         sub = await self._hub.subscribe(
@@ -96,7 +141,7 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
             shareable=request.shareable,
             idempotency_key=request.idempotency_key,
             fresh=request.fresh,
-            timeout=context.time_remaining(),
+            timeout=timeout,
         )
         first = True
         log_probs = request.return_log_probs
@@ -114,10 +159,10 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
         )
 
     async def _generate_text(
-        self, request: infer_pb2.InferRequest, context: grpc.aio.ServicerContext
+        self, request: infer_pb2.InferRequest, timeout: float | None
     ) -> AsyncIterator[infer_pb2.InferResponse]:
         assert self._text is not None
-        pieces = self._text.generate(_text_generation_from_proto(request), timeout=context.time_remaining())
+        pieces = self._text.generate(_text_generation_from_proto(request), timeout=timeout)
         first = True
         # aclosing: however this call ends (the gateway cancelled, the client left), the HTTP stream is
         # closed before the handler returns, so the upstream request is aborted at once.

@@ -137,6 +137,7 @@ async def create_server(settings: PostprocessSettings) -> Service:
         [name],
         lambda server: postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(servicer, server),
     )
+    service.companions.append(servicer.mux)
     if classifier is None:
         if policies.current().classifier.enabled:
             log.warning("safety_classifier_off", reason="no triton_url: the policy's classifier layer is skipped")
