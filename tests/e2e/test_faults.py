@@ -90,6 +90,9 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             "LLMMESH_GATEWAY_INFER_URL": f"ipv4:127.0.0.1:{ports.infer},127.0.0.1:{BROKEN['infer']}",
             "LLMMESH_GATEWAY_POSTPROCESS_URL": f"ipv4:127.0.0.1:{ports.postprocess},127.0.0.1:{BROKEN['postprocess']}",
             **{f"LLMMESH_{name.upper()}_GRACE_SECONDS": "20" for name in SERVICES},
+            # The gateway's calls to infer and postprocess turn over every 2 s (default 30): the broken
+            # replicas added by a test get their share of calls within its requests.
+            "LLMMESH_GATEWAY_STAGE_CALL_SECONDS": "2",
         },
         triton_models=("instrument",),
         model_repository=repo,

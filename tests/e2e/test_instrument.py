@@ -15,6 +15,7 @@ import urllib.request
 from array import array
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc.aio
 import pytest
@@ -203,3 +204,73 @@ async def test_stops_generating_when_the_client_cancels(
     assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
     # Noticed within a few steps: nowhere near the 500 tokens asked for.
     assert after["tokens"] - before.get("tokens", 0) < 50
+
+
+def _backend(triton: TritonServer, shared_calls: int) -> Any:
+    from llmmesh.infer.backend import TritonBackend
+
+    return TritonBackend(triton.grpc_url, {"smollm2": "instrument"}, shared_calls=shared_calls)
+
+
+def _gen(request_id: str, max_tokens: int) -> Generation:
+    return Generation(request_id, "smollm2", [1, 2, 3, 4], max_tokens, EOS, EOS, 0.0, 1.0, 0, None)
+
+
+async def _answer(backend: Any, gen: Generation) -> list[int]:
+    return [i for ids in [ids async for ids in backend.generate(gen)] for i in ids]
+
+
+async def test_shared_calls_carry_many_requests_each_with_its_own_answer(triton: TritonServer) -> None:
+    """Infer's pool of shared ModelStreamInfer calls: 40 concurrent requests over 2 calls, each its exact answer."""
+    backend = _backend(triton, shared_calls=2)
+    try:
+        assert await backend.ready()
+        assert backend._stoppable == {"instrument": True}  # the config declares TensorRT-LLM's stop input
+        answers = await asyncio.gather(*(_answer(backend, _gen(f"shared-{i}", 10 + i)) for i in range(40)))
+        assert answers == [SEQUENCE[: 10 + i] for i in range(40)]
+        calls = [c for c in backend._shared if c is not None]
+        assert len(calls) == 2 and all(c.alive and not c.routes for c in calls)
+    finally:
+        await backend.close()
+
+
+async def test_a_stop_request_cancels_one_request_on_a_shared_call(triton: TritonServer) -> None:
+    """Closing one generation sends TensorRT-LLM's stop request: the model cancels that request alone, and
+    the others on the same call complete."""
+    backend = _backend(triton, shared_calls=1)
+    try:
+        assert await backend.ready()
+        before = _counters(triton)
+        others = asyncio.gather(*(_answer(backend, _gen(f"kept-{i}", 60)) for i in range(3)))
+        leaving = backend.generate(_gen("leaving", 900))
+        got = [await anext(leaving) for _ in range(3)]
+        await leaving.aclose()
+        assert [i for ids in got for i in ids] == SEQUENCE[:3]
+        assert await others == [SEQUENCE[:60]] * 3
+        deadline = time.monotonic() + 5
+        while _counters(triton).get("cancelled", 0) < before.get("cancelled", 0) + 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - polling Triton's metrics
+            await asyncio.sleep(0.05)
+        after = _counters(triton)
+        assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+        assert after["completed"] == before.get("completed", 0) + 3
+        # Both final responses of the stopped request (its own, its stop's) were taken off the call.
+        while backend._shared[0].routes and time.monotonic() < deadline:  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.05)
+        assert backend._shared[0].routes == {}
+    finally:
+        await backend.close()
+
+
+async def test_an_id_reused_while_its_stop_is_pending_gets_its_own_answer(triton: TritonServer) -> None:
+    """A request given up and sent again at once under the same id (a retry, a fallback) cannot share the call
+    where the old one's final responses are still due: it goes on a call of its own, and gets all its tokens."""
+    backend = _backend(triton, shared_calls=1)
+    try:
+        assert await backend.ready()
+        first = backend.generate(_gen("same-id", 900))
+        await anext(first)
+        await first.aclose()
+        assert backend._shared[0].routes == {"same-id": 2}
+        assert await _answer(backend, _gen("same-id", 25)) == SEQUENCE[:25]
+    finally:
+        await backend.close()

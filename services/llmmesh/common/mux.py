@@ -317,7 +317,7 @@ class MuxClient:
         cancel_op: Callable[[int], Any],
         *,
         calls: int = 2,
-        max_age: float = 5.0,
+        max_age: float = 30.0,
         alone: Callable[[Any], bool] = lambda op: False,
     ) -> None:
         self.stage = stage

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -71,9 +71,13 @@ class _Feed:
         # How far the furthest reader got, and an event set when it moves on.
         self._read = 0
         self._progress = asyncio.Event()
+        # Readers that take each message as it is put (a multiplexed stage stream's sender), no task between.
+        self._listeners: list[Callable[[postprocess_pb2.ProcessRequest | None], None]] = []
 
     def put(self, message: postprocess_pb2.ProcessRequest) -> None:
         self._messages.append(message)
+        for listener in self._listeners:
+            listener(message)
         self._wake()
 
     async def caught_up(self) -> None:
@@ -86,6 +90,8 @@ class _Feed:
 
     def close(self) -> None:
         self._closed = True
+        for listener in self._listeners:
+            listener(None)
         self._wake()
 
     def _wake(self) -> None:
@@ -115,10 +121,33 @@ class _FeedReader:
                 raise StopAsyncIteration
             await feed._changed.wait()
         self._next += 1
+        self._taken()
+        return feed._messages[self._next - 1]
+
+    def _taken(self) -> None:
+        feed = self._feed
         if self._next > feed._read:
             feed._read = self._next
             feed._progress.set()
-        return feed._messages[self._next - 1]
+
+    def listen(self, listener: Callable[[postprocess_pb2.ProcessRequest | None], None]) -> Callable[[], None]:
+        """Calls `listener` with each message from this reader's position on, as it is put (None once the feed
+        is closed), instead of being iterated; returns the function that stops it."""
+        feed = self._feed
+
+        def deliver(message: postprocess_pb2.ProcessRequest | None) -> None:
+            if message is not None:
+                self._next += 1
+                self._taken()
+            listener(message)
+
+        while self._next < len(feed._messages):
+            deliver(feed._messages[self._next])
+        if feed._closed:
+            listener(None)
+            return lambda: None
+        feed._listeners.append(deliver)
+        return lambda: feed._listeners.remove(deliver) if deliver in feed._listeners else None
 
 
 @dataclass

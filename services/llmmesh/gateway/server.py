@@ -56,7 +56,7 @@ class GatewaySettings(ServiceSettings):
     # this many calls per stage, each taking new requests for `stage_call_seconds` before a new call (over
     # the round-robin channel: maybe to another replica) takes its place.
     stage_calls: int = Field(default=2, ge=1)
-    stage_call_seconds: float = Field(default=5.0, gt=0)
+    stage_call_seconds: float = Field(default=30.0, gt=0)
 
     # Admission control (admission.py): generations in flight, requests waiting for a slot (interactive
     # ahead of batch), and a per-client token bucket (requests a second, burst; 0 = no rate limit).

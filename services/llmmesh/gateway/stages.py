@@ -13,7 +13,7 @@ and message, a stage that cannot be reached or is lost mid-stream is `Unavailabl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -102,7 +102,7 @@ def _merged(responses: list[infer_pb2.InferResponse]) -> list[infer_pb2.InferRes
 class RemoteInfer:
     """Generations on a few long-lived `GenerateStreams` calls (llmmesh.common.mux), one stream each."""
 
-    def __init__(self, channel: grpc.aio.Channel, calls: int = 2, call_seconds: float = 5.0) -> None:
+    def __init__(self, channel: grpc.aio.Channel, calls: int = 2, call_seconds: float = 30.0) -> None:
         self._stub = infer_pb2_grpc.InferServiceStub(channel)
         self._mux = MuxClient(
             "infer",
@@ -144,10 +144,31 @@ class RemoteInfer:
             raise from_rpc_error(exc, "infer") from None
 
 
+class _Sender:
+    """Puts a stream's messages on its call as ops: the header on the first, a close after the last (None)."""
+
+    __slots__ = ("_header", "_stream")
+
+    def __init__(self, stream: MuxStream, header: streams_pb2.StreamHeader) -> None:
+        self._stream = stream
+        self._header: streams_pb2.StreamHeader | None = header
+
+    def __call__(self, message: postprocess_pb2.ProcessRequest | None) -> None:
+        stream = self._stream
+        if message is None:
+            stream.send(postprocess_pb2.ProcessStreamOp(stream=stream.id, close=True))
+            return
+        op = postprocess_pb2.ProcessStreamOp(stream=stream.id, message=message)
+        if self._header is not None:
+            op.header.CopyFrom(self._header)
+            self._header = None
+        stream.send(op)
+
+
 class RemotePostprocess:
     """Streams on a few long-lived `ProcessStreams` calls (llmmesh.common.mux)."""
 
-    def __init__(self, channel: grpc.aio.Channel, calls: int = 2, call_seconds: float = 5.0) -> None:
+    def __init__(self, channel: grpc.aio.Channel, calls: int = 2, call_seconds: float = 30.0) -> None:
         self._stub = postprocess_pb2_grpc.PostprocessServiceStub(channel)
         self._mux = MuxClient(
             "postprocess",
@@ -163,7 +184,14 @@ class RemotePostprocess:
     ) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
         with client_trace(_PROCESS) as carrier:
             stream = self._mux.open(timeout)
-            sender = asyncio.create_task(self._send(stream, requests, _header(timeout, carrier)))
+            header = _header(timeout, carrier)
+            listen = getattr(requests, "listen", None)
+            if listen is not None:
+                # The gateway's feed hands each message over as it is put: no task per stream in between.
+                stop: Callable[[], None] = listen(_Sender(stream, header))
+            else:
+                task = asyncio.create_task(self._send(stream, requests, header))
+                stop = task.cancel  # type: ignore[assignment]  # its bool result is not used
             done = False
             try:
                 while True:
@@ -182,21 +210,17 @@ class RemotePostprocess:
                     for response in responses:
                         yield response
             finally:
-                sender.cancel()
+                stop()
                 stream.close()
 
     @staticmethod
     async def _send(
         stream: MuxStream, requests: AsyncIterable[postprocess_pb2.ProcessRequest], header: streams_pb2.StreamHeader
     ) -> None:
-        first = True
+        send = _Sender(stream, header)
         async for message in requests:
-            op = postprocess_pb2.ProcessStreamOp(stream=stream.id, message=message)
-            if first:
-                first = False
-                op.header.CopyFrom(header)
-            stream.send(op)
-        stream.send(postprocess_pb2.ProcessStreamOp(stream=stream.id, close=True))
+            send(message)
+        send(None)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@
 server, the CPU model here or a `tensorrt_llm` engine on GPU alike (same tensors, same streaming).
 
 Requests are built directly as tritonclient's `ModelInferRequest` protos and sent on Triton's
-`ModelStreamInfer` stub: `tritonclient.grpc.aio`'s `stream_infer` (2.73) drops
-`enable_empty_final_response`, without which a stream that Triton ends cleanly cannot be told apart
-from one that was cut short. Building the tensors by hand also skips a numpy round trip per token.
+`ModelStreamInfer` stub, most of them over a few calls shared by many requests (`TritonBackend`):
+`tritonclient.grpc.aio`'s `stream_infer` (2.73) drops `enable_empty_final_response`, without which a
+stream that Triton ends cleanly cannot be told apart from one that was cut short. Building the tensors
+by hand also skips a numpy round trip per token.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Protocol
 import grpc
 import grpc.aio
 import numpy as np
+from opentelemetry import trace
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.common.errors import (
@@ -32,10 +34,19 @@ from llmmesh.common.errors import (
     Unavailable,
 )
 from llmmesh.common.logging import get_logger
-from llmmesh.common.telemetry import client_interceptors
+from llmmesh.common.mux import Inbox
+from llmmesh.common.telemetry import client_interceptors, tracing_enabled
 from llmmesh.common.triton_auth import header_interceptors
 
-__all__ = ["TRITON_PRIORITY", "Generation", "InferenceBackend", "TokenBatch", "TritonBackend", "stop_words_tensor"]
+__all__ = [
+    "TRITON_PRIORITY",
+    "Generation",
+    "InferenceBackend",
+    "TokenBatch",
+    "TritonBackend",
+    "stop_request",
+    "stop_words_tensor",
+]
 
 log = get_logger(__name__)
 
@@ -134,6 +145,90 @@ def build_request(gen: Generation, triton_model: str) -> service_pb2.ModelInferR
     return req
 
 
+def stop_request(request_id: str, triton_model: str) -> service_pb2.ModelInferRequest:
+    """TensorRT-LLM's stop request: the same id with `stop` true cancels that request on a shared stream
+    (cancelling a ModelStreamInfer call would cancel every request on it). The required inputs are there
+    only because Triton checks them before the model sees the request."""
+    req = service_pb2.ModelInferRequest(model_name=triton_model, id=request_id)
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+    _add(req, "input_ids", "INT32", np.zeros((1, 1), dtype=np.int32))
+    _add(req, "input_lengths", "INT32", np.ones((1, 1), dtype=np.int32))
+    _add(req, "request_output_len", "INT32", np.ones((1, 1), dtype=np.int32))
+    _add(req, "stop", "BOOL", np.asarray([[True]], dtype=bool))
+    return req
+
+
+def _final(response: service_pb2.ModelStreamInferResponse) -> bool:
+    return bool(response.error_message) or response.infer_response.parameters["triton_final_response"].bool_param
+
+
+class _SharedCall:
+    """One ModelStreamInfer call carrying many requests, its responses routed by request id.
+
+    A request that is given up before its final response leaves a tombstone that swallows the two final
+    responses still to come (its own, and its stop request's) before its id may be used on this call again.
+    Lost, the call fails every request on it UNAVAILABLE."""
+
+    def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub, url: str) -> None:
+        self.url = url
+        self.routes: dict[str, Inbox | int] = {}
+        self.alive = True
+        self._queue: list[service_pb2.ModelInferRequest] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self.call = stub.ModelStreamInfer(self._outgoing())
+        self._reader = asyncio.create_task(self._read())
+
+    def send(self, request: service_pb2.ModelInferRequest) -> None:
+        self._queue.append(request)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _outgoing(self) -> AsyncIterator[service_pb2.ModelInferRequest]:
+        while True:
+            while not self._queue:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            requests, self._queue = self._queue, []
+            for request in requests:
+                yield request
+
+    async def _read(self) -> None:
+        error: LlmmeshError = Unavailable(f"triton at {self.url} ended the stream")
+        routes = self.routes
+        try:
+            async for response in self.call:
+                rid = response.infer_response.id
+                route = routes.get(rid)
+                if route is None:
+                    continue
+                if isinstance(route, Inbox):
+                    route.push(response)
+                elif _final(response):
+                    if route > 1:
+                        routes[rid] = route - 1
+                    else:
+                        del routes[rid]
+        except grpc.aio.AioRpcError as exc:
+            error = _call_error(self.url, "", exc)
+        except asyncio.CancelledError:
+            error = Unavailable(f"triton at {self.url}: the stream was closed")
+            raise
+        finally:
+            self.alive = False
+            for route in routes.values():
+                if isinstance(route, Inbox):
+                    route.end(error)
+            routes.clear()
+            self.call.cancel()
+
+    def close(self) -> None:
+        self._reader.cancel()
+
+
 # Triton's own error texts (tritonserver core; the stream carries only the text, no code), matched in
 # lower case after the "[request id: ...]" prefix. Each is the request's own answer: never UNAVAILABLE,
 # so the gateway does not run it again. UNAVAILABLE is kept for a lost Triton server.
@@ -179,10 +274,23 @@ def _output_ids(response: service_pb2.ModelInferResponse) -> TokenBatch:
 
 
 class TritonBackend:
-    """Streams generations from Triton; one ModelStreamInfer call per request, so cancel is per request."""
+    """Streams generations from Triton.
+
+    Requests go over a small pool of shared ModelStreamInfer calls (`shared_calls`, round robin), each
+    cancelled on its own with TensorRT-LLM's stop request, when the model declares the `stop` input (read
+    from its config once it is ready). A request goes on a call of its own (cancelled by cancelling the
+    call) when the model has no `stop` input, when its id is still in use on every shared call, and when
+    it is traced: Triton takes the trace context from a call's metadata, so only a call of its own puts
+    Triton's spans in the request's trace. `shared_calls=0`: every request on a call of its own.
+    """
 
     def __init__(
-        self, url: str, routes: Mapping[str, str], options: Sequence[tuple[str, int]] = (), header: str = ""
+        self,
+        url: str,
+        routes: Mapping[str, str],
+        options: Sequence[tuple[str, int]] = (),
+        header: str = "",
+        shared_calls: int = 2,
     ) -> None:
         self._url = url
         self._routes = dict(routes)
@@ -192,6 +300,15 @@ class TritonBackend:
         interceptors = [*client_interceptors(), *header_interceptors(header)]
         self._channel = grpc.aio.insecure_channel(url, options=list(options), interceptors=interceptors)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        # The shared calls carry many requests' traces: no tracing interceptor on their channel.
+        self._shared_channel = grpc.aio.insecure_channel(
+            url, options=list(options), interceptors=header_interceptors(header)
+        )
+        self._shared_stub = service_pb2_grpc.GRPCInferenceServiceStub(self._shared_channel)
+        self._shared: list[_SharedCall | None] = [None] * shared_calls
+        self._next_shared = 0
+        # Triton model -> whether its config declares TensorRT-LLM's `stop` input.
+        self._stoppable: dict[str, bool] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._models_ready: list[str] | None = None
 
@@ -215,6 +332,11 @@ class TritonBackend:
                 reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=triton_model), timeout=2)
                 if reply.ready:
                     ready.append(triton_model)
+                    if triton_model not in self._stoppable:
+                        config = await self._stub.ModelConfig(
+                            service_pb2.ModelConfigRequest(name=triton_model), timeout=2
+                        )
+                        self._stoppable[triton_model] = any(i.name == "stop" for i in config.config.input)
         except grpc.aio.AioRpcError:
             return False
         if ready != self._models_ready:
@@ -222,8 +344,70 @@ class TritonBackend:
             log.info("triton_models_ready", ready=ready, not_ready=sorted(set(self._routes.values()) - set(ready)))
         return bool(ready)
 
-    async def generate(self, gen: Generation, timeout: float | None = None) -> AsyncIterator[list[int]]:
+    def _shared_call(self, gen: Generation, model: str) -> _SharedCall | None:
+        """A shared call for this request, or None: it goes on a call of its own."""
+        if not self._shared or not self._stoppable.get(model, False):
+            return None
+        if tracing_enabled() and trace.get_current_span().get_span_context().trace_flags.sampled:
+            return None
+        for _ in range(len(self._shared)):
+            index = self._next_shared
+            self._next_shared = (index + 1) % len(self._shared)
+            call = self._shared[index]
+            if call is None or not call.alive:
+                self._shared[index] = call = _SharedCall(self._shared_stub, self._url)
+            if gen.request_id not in call.routes:
+                return call
+        return None
+
+    def generate(self, gen: Generation, timeout: float | None = None) -> AsyncIterator[list[int]]:
         model = self.triton_model(gen.model)
+        shared = self._shared_call(gen, model)
+        if shared is not None:
+            return self._generate_shared(shared, gen, model, timeout)
+        return self._generate_alone(gen, model, timeout)
+
+    async def _generate_shared(
+        self, call: _SharedCall, gen: Generation, model: str, timeout: float | None
+    ) -> AsyncIterator[list[int]]:
+        rid = gen.request_id
+        inbox = Inbox()
+        call.routes[rid] = inbox
+        timer = None
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                timeout, inbox.end, DeadlineExceeded("deadline exceeded while generating")
+            )
+        call.send(build_request(gen, model))
+        finished = False
+        try:
+            while True:
+                responses = await inbox.take()
+                if not responses:
+                    raise Unavailable(f"triton at {self._url} ended the stream before the final response")
+                for response in responses:
+                    if response.error_message:
+                        finished = True
+                        raise triton_error(model, response.error_message)
+                    result = response.infer_response
+                    ids = _output_ids(result)
+                    if ids:
+                        yield ids
+                    if result.parameters["triton_final_response"].bool_param:
+                        finished = True
+                        return
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if finished or not call.alive:
+                if call.routes.get(rid) is inbox:
+                    del call.routes[rid]
+            else:
+                # Given up (the caller went away, the deadline): stop it at the model; two finals to come.
+                call.routes[rid] = 2
+                call.send(stop_request(rid, model))
+
+    async def _generate_alone(self, gen: Generation, model: str, timeout: float | None) -> AsyncIterator[list[int]]:
         call = self._stub.ModelStreamInfer(iter([build_request(gen, model)]), timeout=timeout)
         finished = False
         try:
@@ -264,4 +448,8 @@ class TritonBackend:
             call.cancel()
 
     async def close(self) -> None:
+        for call in self._shared:
+            if call is not None:
+                call.close()
         await self._channel.close()
+        await self._shared_channel.close()

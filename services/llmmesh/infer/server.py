@@ -46,6 +46,9 @@ class InferSettings(ServiceSettings):
     model_registry: str = ""
     # How often Triton's readiness is checked for the health status.
     health_interval_seconds: float = Field(default=1.0, gt=0)
+    # Requests go to Triton over this many shared ModelStreamInfer calls (each cancelled on its own with
+    # TensorRT-LLM's stop request; llmmesh.infer.backend.TritonBackend); 0 = a call per request.
+    triton_shared_calls: int = Field(default=2, ge=0)
 
     # Dedup (see infer/sharing.py): identical deterministic requests share one generation, completed ones
     # are replayed from the result cache, client request ids are idempotent. False: every request generates.
@@ -99,7 +102,13 @@ async def create_server(settings: InferSettings, backend: InferenceBackend | Non
     ]
     registry = load_registry(settings.model_registry, tokenizers=False)
     routes = registry.triton_models()
-    backend = backend or TritonBackend(settings.triton_url, routes, options, settings.triton_header.get_secret_value())
+    backend = backend or TritonBackend(
+        settings.triton_url,
+        routes,
+        options,
+        settings.triton_header.get_secret_value(),
+        shared_calls=settings.triton_shared_calls,
+    )
     hub = SharingHub(backend, _store(settings), _policy(settings))
     text = OpenAIBackend(registry.models)
     servicer = InferServicer(hub, text if text.models else None)

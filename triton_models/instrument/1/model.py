@@ -71,8 +71,11 @@ class _Stream:
     due: float
     itl: float
     streaming: bool
+    request_id: str = ""
     sent: int = 0
     since_check: int = 0
+    # Set by a stop request for this request's id (TensorRT-LLM's `stop` input): ended at its next step.
+    stopped: bool = False
 
 
 class TritonPythonModel:
@@ -123,6 +126,8 @@ class TritonPythonModel:
         # Held by the scheduler around each IPC call and by `execute` while it reads requests and takes
         # their response senders, so that no two threads are ever inside the backend's IPC at once.
         self._ipc = threading.Lock()
+        # Request id -> its stream while it runs (stop requests find it here).
+        self._running: dict[str, _Stream] = {}
         self._scheduler = threading.Thread(target=self._run, name="instrument-scheduler", daemon=True)
         self._scheduler.start()
 
@@ -133,6 +138,15 @@ class TritonPythonModel:
             for request in requests:
                 sender = request.get_response_sender()
                 try:
+                    if _scalar(request, "stop", False):
+                        # TensorRT-LLM's stop request: cancels the running request of the same id (many share
+                        # one gRPC stream, so the stream cannot be cancelled for one of them); answered at once.
+                        running = self._running.get(request.request_id())
+                        if running is not None:
+                            running.stopped = True
+                        sender.send(flags=_FINAL)
+                        del sender
+                        continue
                     streams.append(self._stream(request, sender, arrived))
                 except Exception as exc:  # a malformed request fails alone, as an error response
                     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(repr(exc))), flags=_FINAL)
@@ -150,7 +164,12 @@ class TritonPythonModel:
         tokens = _tokens_to_send(
             self._sequence, int(_scalar(request, "request_output_len", 16)), int(_scalar(request, "end_id", -1))
         )
-        return _Stream(sender, tokens, arrived + ttft, itl, bool(_scalar(request, "streaming", False)))
+        stream = _Stream(
+            sender, tokens, arrived + ttft, itl, bool(_scalar(request, "streaming", False)), request.request_id()
+        )
+        if stream.request_id:
+            self._running[stream.request_id] = stream
+        return stream
 
     def _run(self) -> None:
         heap = self._heap
@@ -180,6 +199,9 @@ class TritonPythonModel:
     def _step(self, stream: _Stream) -> bool:
         """Sends what is due for one stream; True while the stream has more to send."""
         try:
+            if stream.stopped:
+                self._end(stream, "cancelled", send_final=True)
+                return False
             stream.since_check += 1
             if stream.since_check >= self._cancel_check_every:
                 stream.since_check = 0
@@ -224,6 +246,8 @@ class TritonPythonModel:
         """Ends a stream once: its final response if still owed, its counters, and its sender released."""
         if stream.sender is None:
             return
+        if self._running.get(stream.request_id) is stream:
+            del self._running[stream.request_id]
         failed = None
         with self._ipc:
             try:

@@ -89,12 +89,14 @@ class _Stream:
         self.stops = stops
         self.generated: list[int] = []
         self.cancelled = False
+        # Set by a stop request for this request's id (TensorRT-LLM's `stop` input).
+        self.stopped = False
 
     def on_chunk(self, chunk: dict[str, Any]) -> bool:
         sender = self.sender
         if sender is None:
             return True
-        if self.model._is_cancelled(sender):
+        if self.stopped or self.model._is_cancelled(sender):
             self.cancelled = True
             return True
         choice = (chunk.get("choices") or [{}])[0]
@@ -148,6 +150,8 @@ class TritonPythonModel:
         self._cancelled = requests.Metric(labels={**labels, "outcome": "cancelled"})
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        # Request id -> its stream while it generates (stop requests find it here); under `_lock`.
+        self._running: dict[str, _Stream] = {}
         # The python backend (2.51) is not safe for concurrent calls into its IPC from several threads:
         # concurrent custom-metric updates crashed tritonserver (SIGSEGV), and concurrent sends left the
         # model impossible to unload. Every send and metric update takes this lock.
@@ -171,12 +175,27 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
+            if _scalar(request, "stop", False):
+                self._stop(request)
+                continue
             # Handed over in a list so that the thread holds the only reference and drops it under the lock.
             thread = threading.Thread(target=self._generate, args=([request],), daemon=True)
             with self._lock:
                 self._threads.add(thread)
             thread.start()
         return None
+
+    def _stop(self, request: Any) -> None:
+        """TensorRT-LLM's stop request: cancels the running request of the same id (many share one gRPC
+        stream, so the stream cannot be cancelled for one of them); answered at once with a final response."""
+        with self._lock:
+            running = self._running.get(request.request_id())
+        if running is not None:
+            running.stopped = True
+        with self._ipc:
+            sender = request.get_response_sender()
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            del sender
 
     def _is_cancelled(self, sender: Any) -> bool:
         with self._ipc:
@@ -233,14 +252,22 @@ class TritonPythonModel:
 
         log_probs = bool(_scalar(request, "return_log_probs", False))
         stream = _Stream(self, sender, end_id, streaming, stops, log_probs)
+        request_id = request.request_id()
+        if request_id:
+            with self._lock:
+                self._running[request_id] = stream
         try:
             self._server.handle_completions(body, stream.on_chunk)
         finally:
+            if request_id:
+                with self._lock:
+                    if self._running.get(request_id) is stream:
+                        del self._running[request_id]
             # The engine may keep a reference to the callback after it returns; holding the response
             # sender past its final response keeps Triton from ever unloading the model.
             sender_, stream.sender = stream.sender, None
         generated = stream.generated
-        cancelled = stream.cancelled or self._is_cancelled(sender_)
+        cancelled = stream.cancelled or stream.stopped or self._is_cancelled(sender_)
         with self._ipc:
             (self._cancelled if cancelled else self._completed).increment(1)
         if cancelled:
