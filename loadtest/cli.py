@@ -75,6 +75,55 @@ def _levels(args: argparse.Namespace) -> list[Level]:
     return [Level("closed", concurrency=c, **common) for c in args.concurrency]
 
 
+# target -> the Prometheus URLs of its gateway, infer and postprocess (meshes started here).
+_METRICS: dict[str, list[str]] = {}
+
+
+def _stage_metrics(mesh: Any) -> list[str]:
+    return [mesh.ports.metrics_url(s) for s in ("gateway", "infer", "postprocess") if s not in mesh.in_gateway]
+
+
+def _frames(target: str) -> dict[str, float]:
+    """(stage, direction) counters of the multiplexed stage calls, summed over the target's services:
+    frames and the ops/events they carried (llmmesh_stream_frame{s,_items}_total)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for url in _METRICS.get(target, []):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                text = reply.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name not in ("llmmesh_stream_frames", "llmmesh_stream_frame_items"):
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = f"{family.name}|{sample.labels['stage']} {sample.labels['direction']}"
+                    out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def _per_frame(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
+    """Requests' ops/events per frame during a level, per stage and direction ("infer to_stage": the gateway's
+    ops to infer; both ends count each frame, which leaves the ratio as it is)."""
+    out = {}
+    for key, frames in after.items():
+        name, _, where = key.partition("|")
+        if name != "llmmesh_stream_frames":
+            continue
+        n = frames - before.get(key, 0.0)
+        items = after.get(f"llmmesh_stream_frame_items|{where}", 0.0) - before.get(
+            f"llmmesh_stream_frame_items|{where}", 0.0
+        )
+        if n > 0:
+            out[where] = round(items / n, 3)
+    return out or None
+
+
 @contextlib.contextmanager
 def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[str, dict[str, int]]]]:
     """(target -> address, target -> {process name: PID} to measure): as given, or started here."""
@@ -105,6 +154,7 @@ def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[
             "http": mesh.http_url,
         }
         pids = dict.fromkeys(("direct", "infer", "mesh", "http"), mesh_pids(mesh))
+        _METRICS.update(dict.fromkeys(("mesh", "http"), _stage_metrics(mesh)))
         if args.variant or args.in_gateway:
             # A second mesh whose services import `llmmesh` from the given folder first: a patched copy
             # of services/, measured side by side with this checkout's under the same load and noise. Or
@@ -124,6 +174,7 @@ def _endpoints(args: argparse.Namespace) -> Iterator[tuple[dict[str, str], dict[
             print(f"variant up: gateway {variant.address('gateway')} ({what})", file=sys.stderr)
             addresses["variant"] = variant.address("gateway")
             pids["variant"] = mesh_pids(variant)
+            _METRICS["variant"] = _stage_metrics(variant)
         yield addresses, pids
 
 
@@ -158,6 +209,7 @@ async def _bench(
     for level in _levels(args):
         for target in clients:
             measured = {**pids.get(target, {}), "loadgen": os.getpid()}
+            frames_before = await asyncio.to_thread(_frames, target)
             run = await run_level(
                 clients[target],
                 level,
@@ -165,6 +217,7 @@ async def _bench(
                 progress=not args.no_progress,
                 desc=f"{target} {level.label}",
             )
+            frames_after = await asyncio.to_thread(_frames, target)
             summary = summarize(run.records, run.duration, run.window_tokens)
             tokens = run.window_tokens if run.window_tokens is not None else int(summary["output_tokens"])  # type: ignore[call-overload]
             summary = {
@@ -178,6 +231,8 @@ async def _bench(
                 else None,
                 "cpu_s_per_1k_tokens": procstats.cpu_per_1k_tokens(run.at_start or {}, run.at_end or {}, tokens),
                 "rss_mib": {name: s.rss_mib for name, s in (run.at_end or {}).items()},
+                # How many requests' ops/events one frame of a multiplexed stage call carried (whole level).
+                "items_per_frame": _per_frame(frames_before, frames_after),
                 "load_average": os.getloadavg(),
             }
             print(_one_line(target, level, summary), file=sys.stderr)

@@ -179,6 +179,20 @@ def markdown(results: dict[str, Any]) -> str:
             label = f"{lvl['target']} {load}"
             lines.append(f"| {label} | " + " | ".join(_fmt(cpu.get(n), 3) for n in names) + f" | {_fmt(services, 3)} |")
         lines.append("")
+        framed = [lvl for lvl in levels if lvl.get("items_per_frame")]
+        if framed:
+            # The multiplexed stage calls: how many requests' messages one gRPC message carried.
+            keys = ["infer to_stage", "infer from_stage", "postprocess to_stage", "postprocess from_stage"]
+            lines.append(
+                "| requests' messages per frame | gateway → infer | infer → gateway | gateway → postprocess "
+                "| postprocess → gateway |"
+            )
+            lines.append("|---|---:|---:|---:|---:|")
+            for lvl in framed:
+                per = lvl["items_per_frame"]
+                load = f"c={lvl['concurrency']}" if lvl["mode"] == "closed" else f"{lvl['rate']:g} req/s"
+                lines.append(f"| {lvl['target']} {load} | " + " | ".join(_fmt(per.get(k), 2) for k in keys) + " |")
+            lines.append("")
     peaks = results.get("peak_rss_mib") or {}
     if peaks:
         names = [n for n in _SERVICES if n in peaks]

@@ -88,12 +88,15 @@ class ProcessTree:
                 grew = bool(found)
                 known |= found
             for pid in known - {self.root}:
-                if pid in stats and pid not in self.seen:
+                if pid in stats and (pid not in self.seen or self.seen[pid] == stats[pid][3]):
                     self.seen[pid] = stats[pid][3]
+                    # Read again while it lives: a child caught between fork and exec still shows its
+                    # parent's command line (a Triton stub once counted as a second tritonserver).
                     try:
-                        self.commands[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                     except OSError:
-                        self.commands[pid] = "?"
+                        command = ""
+                    self.commands[pid] = command or self.commands.get(pid, "?")
             for pid in self.seen:
                 try:
                     maps = Path(f"/proc/{pid}/maps").read_text()

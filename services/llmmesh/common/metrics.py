@@ -26,6 +26,8 @@ __all__ = [
     "REQUESTS",
     "RPCS",
     "SAFETY_BLOCKS",
+    "STREAM_FRAMES",
+    "STREAM_FRAME_ITEMS",
     "TIME_TO_FIRST_SPEAKABLE",
     "TIME_TO_FIRST_TOKEN",
 ]
@@ -43,6 +45,17 @@ HTTP_REQUESTS = Counter(
     ["path", "status"],
 )
 INFLIGHT_STREAMS = Gauge("llmmesh_inflight_streams", "RPCs in progress, by method", ["method"])
+# The multiplexed stage calls (llmmesh.common.mux): frames, and the requests' ops or events they carried
+# (items / frames = how many requests' messages one gRPC message carried), by stage and direction
+# ("to_stage": the caller's ops, "from_stage": the stage's events), counted by each end of the call.
+STREAM_FRAMES = Counter(
+    "llmmesh_stream_frames", "Frames on the multiplexed stage calls, by stage and direction", ["stage", "direction"]
+)
+STREAM_FRAME_ITEMS = Counter(
+    "llmmesh_stream_frame_items",
+    "Requests' ops or events carried by those frames, by stage and direction",
+    ["stage", "direction"],
+)
 
 # Gateway: the client's view of each generation.
 REQUESTS = Counter("llmmesh_requests", "Completed generations, by model and finish reason", ["model", "finish_reason"])

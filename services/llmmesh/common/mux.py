@@ -41,7 +41,7 @@ from llmmesh.common.errors import (
     status_of,
 )
 from llmmesh.common.logging import get_logger
-from llmmesh.common.metrics import INFLIGHT_STREAMS, RPCS
+from llmmesh.common.metrics import INFLIGHT_STREAMS, RPCS, STREAM_FRAME_ITEMS, STREAM_FRAMES
 from llmmesh.common.telemetry import tracing_enabled
 from llmmesh.stages.v1 import streams_pb2
 
@@ -129,9 +129,19 @@ class _Writer:
     `alone(item)` items get a frame of their own (a request's prompt: many in one frame could pass the
     message size limit)."""
 
-    def __init__(self, frame: Callable[[list[Any]], Any], alone: Callable[[Any], bool]) -> None:
-        self._frame = frame
+    def __init__(
+        self, frame: Callable[[list[Any]], Any], alone: Callable[[Any], bool], stage: str, direction: str
+    ) -> None:
         self._alone = alone
+        frames = STREAM_FRAMES.labels(stage, direction)
+        items = STREAM_FRAME_ITEMS.labels(stage, direction)
+
+        def counted(run: list[Any]) -> Any:
+            frames.inc()
+            items.inc(len(run))
+            return frame(run)
+
+        self._frame = counted
         self._queue: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -249,14 +259,18 @@ class _Connection:
         self.died_at = 0.0
         # Takes no new requests; ends once those on it are done.
         self.retired = False
-        self.writer = _Writer(client.frame, client.alone)
+        self.writer = _Writer(client.frame, client.alone, client.stage, "to_stage")
         self.call = client.start(self.writer.frames())
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         error: LlmmeshError = Unavailable(f"the {self.client.stage} stage ended the stream")
+        frames = STREAM_FRAMES.labels(self.client.stage, "from_stage")
+        items = STREAM_FRAME_ITEMS.labels(self.client.stage, "from_stage")
         try:
             async for frame in self.call:
+                frames.inc()
+                items.inc(len(frame.events))
                 streams = self.streams
                 for event in frame.events:
                     stream = streams.get(event.stream)
@@ -402,7 +416,9 @@ class MuxServer:
         event: Callable[..., Any],
         frame: Callable[[list[Any]], Any],
     ) -> AsyncIterator[Any]:
-        writer = _Writer(frame, lambda item: False)
+        writer = _Writer(frame, lambda item: False, self.stage, "from_stage")
+        frames_in = STREAM_FRAMES.labels(self.stage, "to_stage")
+        items_in = STREAM_FRAME_ITEMS.labels(self.stage, "to_stage")
         tasks: dict[int, asyncio.Task[None]] = {}
         inboxes: dict[int, Inbox] = {}
         highest = 0
@@ -456,6 +472,8 @@ class MuxServer:
         async def read() -> None:
             nonlocal highest
             async for frame_in in ops:
+                frames_in.inc()
+                items_in.inc(len(frame_in.ops))
                 for op in frame_in.ops:
                     stream = op.stream
                     what = kind(op)

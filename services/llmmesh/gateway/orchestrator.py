@@ -38,13 +38,15 @@ from llmmesh.gateway.stages import Stages
 from llmmesh.stages.v1 import infer_pb2, postprocess_pb2, preprocess_pb2
 from llmmesh.v1 import generation_pb2
 
-__all__ = ["SHARING_SCOPES", "Orchestrator", "with_request_id"]
+__all__ = ["HOP_ORDERS", "SHARING_SCOPES", "Orchestrator", "with_request_id"]
 
 log = get_logger(__name__)
 
 # Who may share a generation (join it in flight, replay its cached result): callers with the same
 # identity only, or every caller of the mesh.
 SHARING_SCOPES = ("caller", "global")
+# Who reads infer's token ids: the gateway, which relays them to postprocess (default), or postprocess itself.
+HOP_ORDERS = ("gateway", "postprocess")
 
 
 class _Deadline:
@@ -258,13 +260,25 @@ _SKIPPABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, g
 
 
 class Orchestrator:
-    def __init__(self, stages: Stages, sharing_scope: str = "global", router: Router | None = None) -> None:
-        """Without a `router` a request's model goes to preprocess as it is (no routes, no prices)."""
+    def __init__(
+        self,
+        stages: Stages,
+        sharing_scope: str = "global",
+        router: Router | None = None,
+        hop_order: str = "gateway",
+    ) -> None:
+        """Without a `router` a request's model goes to preprocess as it is (no routes, no prices).
+        `hop_order` "postprocess": a remote postprocess reads a plain answer's tokens from infer itself
+        (Start.infer) instead of the gateway relaying them; cascades and fallbacks with a first-token
+        timeout keep the gateway's order (they watch infer's stream themselves)."""
         if sharing_scope not in SHARING_SCOPES:
             raise ValueError(f"sharing_scope must be one of {SHARING_SCOPES}, got {sharing_scope!r}")
+        if hop_order not in HOP_ORDERS:
+            raise ValueError(f"hop_order must be one of {HOP_ORDERS}, got {hop_order!r}")
         self._stages = stages
         self._sharing_scope = sharing_scope
         self._router = router
+        self._chained = hop_order == "postprocess" and "postprocess" in stages.channels
 
     async def generate(
         self,
@@ -459,10 +473,17 @@ class Orchestrator:
         feed = _Feed()
         failure: LlmmeshError | None = None
         closed = False
+        chained = self._chained and gate is None and first_token_timeout is None
         async with asyncio.TaskGroup() as tasks:
-            pump = tasks.create_task(
-                self._pump(infer_request, prepared, deadline, feed, generation, gate, first_token_timeout)
-            )
+            if chained:
+                # Postprocess streams the generation from infer itself: Start carries the request, nothing follows.
+                feed.put(postprocess_pb2.ProcessRequest(start=self._start(prepared, infer_request)))
+                feed.close()
+                pump: asyncio.Task[None] | None = None
+            else:
+                pump = tasks.create_task(
+                    self._pump(infer_request, prepared, deadline, feed, generation, gate, first_token_timeout)
+                )
             try:
                 committed = False
                 for attempt in (1, 2):
@@ -474,7 +495,11 @@ class Orchestrator:
                                     # Postprocess has ended the answer (maybe early: a stop string, a
                                     # filter): stop the generation now, then read its stream to its end.
                                     done = response.done
-                                    pump.cancel()
+                                    if pump is not None:
+                                        pump.cancel()
+                                    else:
+                                        generation.reuse = done.reuse
+                                        generation.prompt_tokens = done.prompt_tokens
                                     continue
                                 delta = response.delta
                                 now = time.monotonic()
@@ -502,7 +527,8 @@ class Orchestrator:
                 closed = True
             finally:
                 # Every exit stops the generation first: infer's call, and with it the Triton request.
-                pump.cancel()
+                if pump is not None:
+                    pump.cancel()
         if closed:
             raise GeneratorExit
         if done is None:
@@ -565,6 +591,18 @@ class Orchestrator:
                 log.info("stage_retry", stage="preprocess", request_id=request.request_id, code=exc.code.name)
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _start(
+        prepared: preprocess_pb2.PrepareResponse, infer: infer_pb2.InferRequest | None = None
+    ) -> postprocess_pb2.Start:
+        return postprocess_pb2.Start(
+            request_id=prepared.request_id,
+            model=prepared.model,
+            stop=prepared.stop,
+            chunking=prepared.chunking,
+            infer=infer,
+        )
+
     async def _pump(
         self,
         request: infer_pb2.InferRequest,
@@ -579,16 +617,7 @@ class Orchestrator:
         `generation.error`, and the feed then ends without End); cancelled, it closes infer's stream, which
         cancels the Triton request. With a `gate` (a cascade), the first tokens wait for its decision; with
         a `first_token_timeout` (a fallback), a model silent that long is Unavailable."""
-        feed.put(
-            postprocess_pb2.ProcessRequest(
-                start=postprocess_pb2.Start(
-                    request_id=prepared.request_id,
-                    model=prepared.model,
-                    stop=prepared.stop,
-                    chunking=prepared.chunking,
-                )
-            )
-        )
+        feed.put(postprocess_pb2.ProcessRequest(start=self._start(prepared)))
         reason = generation_pb2.FINISH_REASON_UNSPECIFIED
         completion_tokens = 0
 

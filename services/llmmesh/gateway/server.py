@@ -56,6 +56,9 @@ class GatewaySettings(ServiceSettings):
     # this many calls per stage, each taking new requests for `stage_call_seconds` before a new call (over
     # the round-robin channel: maybe to another replica) takes its place.
     stage_calls: int = Field(default=2, ge=1)
+    # Who reads infer's token ids: "gateway" (it relays them to postprocess) or "postprocess" (a remote
+    # postprocess reads plain answers from infer itself, with its LLMMESH_POSTPROCESS_INFER_URL).
+    hop_order: Literal["gateway", "postprocess"] = "gateway"
     stage_call_seconds: float = Field(default=30.0, gt=0)
 
     # Admission control (admission.py): generations in flight, requests waiting for a slot (interactive
@@ -192,7 +195,7 @@ async def create_server(settings: GatewaySettings) -> Service:
     log.info("model_registry", path=str(registry.path), models=len(registry.models), routes=len(registry.routes))
     scope = settings.sharing_scope or ("caller" if interceptors else "global")
     log.info("sharing_scope", scope=scope)
-    orchestrator = Orchestrator(stages, scope, router)
+    orchestrator = Orchestrator(stages, scope, router, settings.hop_order)
     service = build_server(
         "gateway",
         settings,

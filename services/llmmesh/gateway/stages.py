@@ -99,6 +99,21 @@ def _merged(responses: list[infer_pb2.InferResponse]) -> list[infer_pb2.InferRes
     return out
 
 
+def _coalesced(responses: list[postprocess_pb2.ProcessResponse]) -> list[postprocess_pb2.ProcessResponse]:
+    """Deltas that were waiting together, joined into one chunk per run of consecutive deltas; the chunk is
+    speakable when its last delta was (it ends at that boundary)."""
+    out: list[postprocess_pb2.ProcessResponse] = []
+    for response in responses:
+        last = out[-1] if out else None
+        if last is not None and last.HasField("delta") and response.HasField("delta"):
+            last.delta.text += response.delta.text
+            last.delta.token_ids.extend(response.delta.token_ids)
+            last.delta.speakable = response.delta.speakable
+        else:
+            out.append(response)
+    return out
+
+
 class RemoteInfer:
     """Generations on a few long-lived `GenerateStreams` calls (llmmesh.common.mux), one stream each."""
 
@@ -196,10 +211,11 @@ class RemotePostprocess:
             try:
                 while True:
                     responses: list[postprocess_pb2.ProcessResponse] = []
-                    for event in await stream.events():
+                    events = await stream.events()
+                    for event in events:
                         if event.HasField("end"):
                             stream.finish()
-                            for response in responses:
+                            for response in _coalesced(responses):
                                 yield response
                             # After Done the answer is complete, whatever came after it.
                             if event.end.code and not done:
@@ -207,7 +223,9 @@ class RemotePostprocess:
                             return
                         done = done or event.response.HasField("done")
                         responses.append(event.response)
-                    for response in responses:
+                    # Deltas waiting together (postprocess was ahead of the gateway and its client) go on
+                    # as one chunk: a lagging client gets fewer, larger messages, never later text.
+                    for response in _coalesced(responses):
                         yield response
             finally:
                 stop()

@@ -332,17 +332,25 @@ class TritonBackend:
                 reply = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=triton_model), timeout=2)
                 if reply.ready:
                     ready.append(triton_model)
-                    if triton_model not in self._stoppable:
-                        config = await self._stub.ModelConfig(
-                            service_pb2.ModelConfigRequest(name=triton_model), timeout=2
-                        )
-                        self._stoppable[triton_model] = any(i.name == "stop" for i in config.config.input)
+                    if self._shared and triton_model not in self._stoppable:
+                        await self._learn_stop_input(triton_model)
         except grpc.aio.AioRpcError:
             return False
         if ready != self._models_ready:
             self._models_ready = ready
             log.info("triton_models_ready", ready=ready, not_ready=sorted(set(self._routes.values()) - set(ready)))
         return bool(ready)
+
+    async def _learn_stop_input(self, triton_model: str) -> None:
+        """Whether the model's config declares TensorRT-LLM's `stop` input (else its requests keep a call of
+        their own); a config that cannot be read counts as no."""
+        try:
+            config = await self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=triton_model), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("triton_model_config_unreadable", model=triton_model, code=exc.code().name)
+            self._stoppable[triton_model] = False
+            return
+        self._stoppable[triton_model] = any(i.name == "stop" for i in config.config.input)
 
     def _shared_call(self, gen: Generation, model: str) -> _SharedCall | None:
         """A shared call for this request, or None: it goes on a call of its own."""

@@ -48,7 +48,7 @@ class InferSettings(ServiceSettings):
     health_interval_seconds: float = Field(default=1.0, gt=0)
     # Requests go to Triton over this many shared ModelStreamInfer calls (each cancelled on its own with
     # TensorRT-LLM's stop request; llmmesh.infer.backend.TritonBackend); 0 = a call per request.
-    triton_shared_calls: int = Field(default=2, ge=0)
+    triton_shared_calls: int = Field(default=0, ge=0)
 
     # Dedup (see infer/sharing.py): identical deterministic requests share one generation, completed ones
     # are replayed from the result cache, client request ids are idempotent. False: every request generates.

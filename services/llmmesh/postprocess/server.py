@@ -56,6 +56,9 @@ class PostprocessSettings(ServiceSettings):
     triton_header: SecretStr = SecretStr("")
     # How often the classifier's readiness is checked for the health status (with `triton_url`).
     health_interval_seconds: float = Field(default=1.0, gt=0)
+    # Infer's address, for the other hop order (the gateway's LLMMESH_GATEWAY_HOP_ORDER=postprocess): this
+    # stage then reads each generation from infer itself. Empty = only the default order.
+    infer_url: str = ""
 
 
 class StreamSafety:
@@ -130,6 +133,13 @@ async def _watch(service: Service, policies: PolicyStore, classifier: TritonClas
 
 async def create_server(settings: PostprocessSettings) -> Service:
     servicer, classifier, policies = _build(settings)
+    infer_channel = None
+    if settings.infer_url:
+        from llmmesh.common.server import channel
+        from llmmesh.gateway.stages import RemoteInfer
+
+        infer_channel = channel(settings.infer_url, settings)
+        servicer.infer = RemoteInfer(infer_channel)
     name = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name
     service = build_server(
         "postprocess",
@@ -138,6 +148,8 @@ async def create_server(settings: PostprocessSettings) -> Service:
         lambda server: postprocess_pb2_grpc.add_PostprocessServiceServicer_to_server(servicer, server),
     )
     service.companions.append(servicer.mux)
+    if infer_channel is not None:
+        service.closers.append(infer_channel.close)
     if classifier is None:
         if policies.current().classifier.enabled:
             log.warning("safety_classifier_off", reason="no triton_url: the policy's classifier layer is skipped")

@@ -3,13 +3,19 @@ each stream of a `ProcessStreams` call (llmmesh.common.mux)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc.aio
 
+from llmmesh.common.errors import FailedPrecondition, Unavailable
 from llmmesh.common.mux import Inbox, MuxServer
 from llmmesh.postprocess.stage import PostprocessStage
-from llmmesh.stages.v1 import postprocess_pb2, postprocess_pb2_grpc
+from llmmesh.stages.v1 import infer_pb2, postprocess_pb2, postprocess_pb2_grpc
+
+if TYPE_CHECKING:
+    from llmmesh.gateway.stages import Infer
 
 __all__ = ["PROCESS", "PostprocessServicer"]
 
@@ -30,8 +36,10 @@ def _events(events: list[postprocess_pb2.ProcessStreamEvent]) -> postprocess_pb2
 
 
 class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
-    def __init__(self, stage: PostprocessStage) -> None:
+    def __init__(self, stage: PostprocessStage, infer: Infer | None = None) -> None:
         self.stage = stage
+        # The other hop order (Start.infer): this stage reads the generation from infer itself.
+        self.infer = infer
         # The ProcessStreams calls: a companion of the service, so that draining ends them.
         self.mux = MuxServer("postprocess")
 
@@ -62,4 +70,47 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
     def _stream(
         self, op: postprocess_pb2.ProcessStreamOp, inbox: Inbox, timeout: float | None
     ) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
+        if op.message.start.HasField("infer"):
+            return self._chained(op.message.start, timeout)
         return self.stage.process(inbox, timeout)
+
+    async def _chained(
+        self, start: postprocess_pb2.Start, timeout: float | None
+    ) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
+        """Start.infer: the generation's token ids read from infer here, not relayed by the gateway; what infer
+        said about it (reuse, a text backend's prompt tokens) goes back on Done."""
+        if self.infer is None:
+            raise FailedPrecondition("postprocess has no infer_url: it cannot read generations itself")
+        said = infer_pb2.InferResponse()
+
+        async def messages() -> AsyncGenerator[postprocess_pb2.ProcessRequest, None]:
+            yield postprocess_pb2.ProcessRequest(start=start)
+            assert self.infer is not None
+            generation = self.infer.generate(start.infer, timeout)
+            async with contextlib.aclosing(generation):
+                async for response in generation:
+                    if response.reuse:
+                        said.reuse = response.reuse
+                    if response.token_ids:
+                        yield postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=response.token_ids))
+                    elif response.text:
+                        yield postprocess_pb2.ProcessRequest(text=postprocess_pb2.Text(text=response.text))
+                    if response.finish_reason:
+                        said.finish_reason = response.finish_reason
+                        said.completion_tokens = response.completion_tokens
+                        said.prompt_tokens = response.prompt_tokens
+            if not said.finish_reason:
+                raise Unavailable("infer ended the stream without a finish reason")
+            end = postprocess_pb2.End(finish_reason=said.finish_reason)
+            if not start.infer.input_ids:  # a text backend: its own token count
+                end.completion_tokens = said.completion_tokens
+            yield postprocess_pb2.ProcessRequest(end=end)
+
+        requests = messages()
+        outputs = self.stage.process(requests, timeout)
+        async with contextlib.aclosing(requests), contextlib.aclosing(outputs):
+            async for response in outputs:
+                if response.HasField("done"):
+                    response.done.reuse = said.reuse
+                    response.done.prompt_tokens = said.prompt_tokens
+                yield response
