@@ -361,3 +361,29 @@ async def test_the_pump_reads_infer_no_faster_than_postprocess_takes_tokens(ids:
     result = await _run(_orchestrator(ScriptedPreprocess(), infer, SlowPostprocess()))  # type: ignore[arg-type]
     assert result.final is not None and result.final.usage.completion_tokens == len(ids)
     assert max(lead) <= 2, lead
+
+
+async def test_a_feed_listener_gets_every_message_in_order_then_none_and_counts_as_caught_up() -> None:
+    """What a multiplexed postprocess stream reads instead of iterating: the messages already put, then each
+    one as it is put (no task in between), then None at close; the pump's backpressure sees it as a reader."""
+    from llmmesh.gateway.orchestrator import _Feed
+
+    def msg(i: int) -> postprocess_pb2.ProcessRequest:
+        return postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=[i]))
+
+    feed = _Feed()
+    feed.put(msg(1))
+    feed.put(msg(2))
+    got: list[int | None] = []
+    stop = feed.reader().listen(lambda m: got.append(None if m is None else m.tokens.ids[0]))
+    assert got == [1, 2]
+    feed.put(msg(3))
+    assert got == [1, 2, 3]
+    await asyncio.wait_for(feed.caught_up(), 1)  # taken as put: nothing for the pump to wait on
+    stop()
+    feed.put(msg(4))
+    assert got == [1, 2, 3]  # stopped listening
+    other: list[int | None] = []
+    feed.reader().listen(lambda m: other.append(None if m is None else m.tokens.ids[0]))
+    feed.close()
+    assert other == [1, 2, 3, 4, None]  # a second reader (a retry) replays from the start
