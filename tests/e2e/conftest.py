@@ -131,14 +131,18 @@ def settled_counters(mesh: Mesh, quiet: float = 0.4, timeout: float = 10.0) -> d
     return last
 
 
-def read_then_cancel(stub: generation_pb2_grpc.GenerationServiceStub, max_tokens: int, chunks: int = 5) -> None:
-    """Starts a long greedy story, reads `chunks` chunks, then cancels the call from the client side."""
+def read_then_cancel(stub: generation_pb2_grpc.GenerationServiceStub, max_tokens: int, chunks: int = 5) -> int:
+    """Starts a long greedy story, reads `chunks` chunks, then cancels the call from the client side; returns
+    the token ids those chunks carried (a client that reads slowly gets several tokens per chunk: the gateway
+    joins what waited for it)."""
     stream = stub.Generate(
         request("Write a long story about a dragon.", temperature=0.0, max_tokens=max_tokens), timeout=120
     )
-    received = 0
+    received = ids = 0
     for response in stream:
         received += response.HasField("chunk")
+        ids += len(response.chunk.token_ids)
         if received == chunks:
             stream.cancel()
             break
+    return ids

@@ -116,12 +116,14 @@ def test_blocklisted_word_ends_the_stream_with_content_filter(gateway: Stub) -> 
 def test_client_cancel_stops_the_generation_in_the_model(gateway: Stub, mesh: Mesh) -> None:
     """Cancelling after 5 chunks makes the Triton model stop generating for that request."""
     before = settled_counters(mesh)
-    read_then_cancel(gateway, max_tokens=400)
+    received = read_then_cancel(gateway, max_tokens=400)
     assert wait_for(lambda: model_counters(mesh)["cancelled"] == before["cancelled"] + 1), "model saw no cancel"
     generated = model_counters(mesh)["tokens"] - before["tokens"]
     time.sleep(0.5)
     assert model_counters(mesh)["tokens"] - before["tokens"] == generated, "the model kept generating"
-    assert generated < 100
+    print(f"received {received} token ids in 5 chunks; the model generated {generated}")
+    # Past what the client had: what the model made while the cancel travelled.
+    assert generated - received < 100
     assert model_counters(mesh)["completed"] == before["completed"]
 
 

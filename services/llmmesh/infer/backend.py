@@ -173,28 +173,12 @@ class _SharedCall:
         self.url = url
         self.routes: dict[str, Inbox | int] = {}
         self.alive = True
-        self._queue: list[service_pb2.ModelInferRequest] = []
-        self._waiter: asyncio.Future[None] | None = None
-        self.call = stub.ModelStreamInfer(self._outgoing())
+        self._queue = Inbox()  # requests to write, in order
+        self.call = stub.ModelStreamInfer(aiter(self._queue))
         self._reader = asyncio.create_task(self._read())
 
     def send(self, request: service_pb2.ModelInferRequest) -> None:
-        self._queue.append(request)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _outgoing(self) -> AsyncIterator[service_pb2.ModelInferRequest]:
-        while True:
-            while not self._queue:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-            requests, self._queue = self._queue, []
-            for request in requests:
-                yield request
+        self._queue.push(request)
 
     async def _read(self) -> None:
         error: LlmmeshError = Unavailable(f"triton at {self.url} ended the stream")
