@@ -47,7 +47,6 @@ class Scripted(infer_pb2_grpc.InferServiceServicer):
         async for frame in self.mux.serve(
             request_iterator,
             method=METHOD,
-            kind=lambda op: op.WhichOneof("kind") or "none",
             message=lambda op: None,
             handler=self._handle,
             event=infer_pb2.InferStreamEvent,

@@ -379,6 +379,11 @@ class MuxClient:
                 conn.close()
 
 
+def _op_kind(op: Any) -> str:
+    """Which of its `kind` oneof an op sets: "open", "message", "close", "cancel" ("none" when unset)."""
+    return op.WhichOneof("kind") or "none"
+
+
 def _header_timeout(header: streams_pb2.StreamHeader) -> float | None:
     return header.timeout_s if header.timeout_s > 0 else None
 
@@ -386,7 +391,7 @@ def _header_timeout(header: streams_pb2.StreamHeader) -> float | None:
 class MuxServer:
     """A stage's side of its stream calls, and a companion of its `Service` (drained with it).
 
-    `serve` runs one call: ops are routed by `kind(op)` ("open", "message", "close", "cancel"); an open, or
+    `serve` runs one call: ops are routed by their `kind` oneof ("open", "message", "close", "cancel"); an open, or
     the first message of a stream, starts `handler(op, inbox, timeout)` as a task whose responses are sent
     back as events (`event(stream, response=..)` / `event(stream, end=..)`); later messages go to its inbox
     (`message(op)`), a close ends the inbox, a cancel cancels the task.
@@ -410,11 +415,11 @@ class MuxServer:
         ops: AsyncIterator[Any],
         *,
         method: str,
-        kind: Callable[[Any], str],
         message: Callable[[Any], Any],
         handler: Callable[[Any, Inbox, float | None], AsyncGenerator[Any, None]],
         event: Callable[..., Any],
         frame: Callable[[list[Any]], Any],
+        kind: Callable[[Any], str] = _op_kind,
     ) -> AsyncIterator[Any]:
         writer = _Writer(frame, lambda item: False, self.stage, "from_stage")
         frames_in = STREAM_FRAMES.labels(self.stage, "to_stage")

@@ -162,6 +162,13 @@ def _final(response: service_pb2.ModelStreamInferResponse) -> bool:
     return bool(response.error_message) or response.infer_response.parameters["triton_final_response"].bool_param
 
 
+def _new_ids(model: str, response: service_pb2.ModelStreamInferResponse) -> TokenBatch:
+    """A streamed response's new token ids; the error Triton sent for the request, raised."""
+    if response.error_message:
+        raise triton_error(model, response.error_message)
+    return _output_ids(response.infer_response)
+
+
 class _SharedCall:
     """One ModelStreamInfer call carrying many requests, its responses routed by request id.
 
@@ -378,15 +385,11 @@ class TritonBackend:
                 if not responses:
                     raise Unavailable(f"triton at {self._url} ended the stream before the final response")
                 for response in responses:
-                    if response.error_message:
-                        finished = True
-                        raise triton_error(model, response.error_message)
-                    result = response.infer_response
-                    ids = _output_ids(result)
+                    finished = _final(response)  # an error or the last response: nothing more comes for it
+                    ids = _new_ids(model, response)
                     if ids:
                         yield ids
-                    if result.parameters["triton_final_response"].bool_param:
-                        finished = True
+                    if finished:
                         return
         finally:
             if timer is not None:
@@ -404,13 +407,10 @@ class TritonBackend:
         finished = False
         try:
             async for response in call:
-                if response.error_message:
-                    raise triton_error(model, response.error_message)
-                result = response.infer_response
-                ids = _output_ids(result)
+                ids = _new_ids(model, response)
                 if ids:
                     yield ids
-                if result.parameters["triton_final_response"].bool_param:
+                if _final(response):
                     finished = True
                     break
             if not finished:

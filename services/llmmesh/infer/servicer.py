@@ -83,10 +83,6 @@ _FINISH = {"stop": generation_pb2.FINISH_REASON_STOP, "length": generation_pb2.F
 GENERATE = "/llmmesh.stages.v1.InferService/Generate"
 
 
-def _op_kind(op: infer_pb2.InferStreamOp) -> str:
-    return op.WhichOneof("kind") or "none"
-
-
 def _no_message(op: infer_pb2.InferStreamOp) -> None:
     return None
 
@@ -114,7 +110,6 @@ class InferServicer(infer_pb2_grpc.InferServiceServicer):
         async for frame in self.mux.serve(
             request_iterator,
             method=GENERATE,
-            kind=_op_kind,
             message=_no_message,
             handler=self._open,
             event=infer_pb2.InferStreamEvent,

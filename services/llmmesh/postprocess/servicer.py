@@ -23,10 +23,6 @@ __all__ = ["PROCESS", "PostprocessServicer"]
 PROCESS = "/llmmesh.stages.v1.PostprocessService/Process"
 
 
-def _op_kind(op: postprocess_pb2.ProcessStreamOp) -> str:
-    return op.WhichOneof("kind") or "none"
-
-
 def _message(op: postprocess_pb2.ProcessStreamOp) -> postprocess_pb2.ProcessRequest:
     return op.message
 
@@ -59,7 +55,6 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
         async for frame in self.mux.serve(
             request_iterator,
             method=PROCESS,
-            kind=_op_kind,
             message=_message,
             handler=self._stream,
             event=postprocess_pb2.ProcessStreamEvent,
