@@ -331,5 +331,11 @@ def test_a_stop_string_before_any_text_never_hangs(fuzz_mesh: Mesh) -> None:
     )
     raw = req.SerializeToString()
     with grpc.insecure_channel(fuzz_mesh.address("gateway")) as channel, ThreadPoolExecutor(CONCURRENCY) as pool:
-        outcomes = Counter(outcome for outcome, _ in pool.map(lambda _: _send(channel, raw), range(400)))
-    assert outcomes == Counter({"OK": 400})
+        results = list(pool.map(lambda _: _send(channel, raw), range(400)))
+    outcomes = Counter(outcome for outcome, _ in results)
+    # On a failure, what the statuses said and what the services logged last.
+    said = Counter(f"{outcome}: {detail}" for outcome, detail in results if outcome != "OK")
+    logs = "\n".join(
+        f"--- {name}:\n{fuzz_mesh.log_tail(name, 15)}" for name in ("gateway", "postprocess", "infer", "triton")
+    )
+    assert outcomes == Counter({"OK": 400}), f"{said.most_common(5)}\n{logs}"

@@ -22,7 +22,7 @@ from llmmesh.common.errors import (
     Unavailable,
 )
 from llmmesh.common.metrics import RPCS
-from llmmesh.common.mux import Inbox, MuxServer
+from llmmesh.common.mux import Inbox, MuxServer, MuxStream
 from llmmesh.gateway.stages import RemoteInfer
 from llmmesh.stages.v1 import infer_pb2, infer_pb2_grpc
 from llmmesh.v1 import generation_pb2 as G
@@ -167,6 +167,36 @@ async def test_the_deadline_travels_with_the_request() -> None:
                 break
             await asyncio.sleep(0.02)
         assert servicer.cancelled == ["hang-2"]  # the stage gave up too, not only the caller
+
+
+async def _until_end(stream: MuxStream) -> tuple[int, int]:
+    """(token ids received, end status code) of one raw stream."""
+    count = 0
+    while True:
+        for event in await stream.events():
+            if event.HasField("end"):
+                stream.finish()
+                return count, event.end.code
+            count += len(event.response.token_ids)
+
+
+async def test_a_stream_that_starts_after_a_later_opened_one_is_still_served() -> None:
+    """The gateway opens a postprocess stream per request at once but sends its first op when the first token
+    comes, so streams opened in one order start in another. Found by the fuzz test under load in CI: the stage
+    took the late starter's first op for a late op of an ended stream and dropped it; that request hung."""
+    async with stage() as (_, _, port), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        mux = RemoteInfer(channel, calls=1)._mux
+        opened_first, opened_second = mux.open(5.0), mux.open(5.0)
+        opened_second.send(infer_pb2.InferStreamOp(open=infer_pb2.InferRequest(request_id="ok-2")))
+        assert await _until_end(opened_second) == (4, 0)
+        opened_first.send(infer_pb2.InferStreamOp(open=infer_pb2.InferRequest(request_id="ok-3")))
+        assert await _until_end(opened_first) == (6, 0)
+        # One that never sends anything neither holds nor cancels anything on the call.
+        never = mux.open(5.0)
+        never.close()
+        after = mux.open(5.0)
+        after.send(infer_pb2.InferStreamOp(open=infer_pb2.InferRequest(request_id="ok-1")))
+        assert await _until_end(after) == (2, 0)
 
 
 async def test_a_lost_call_fails_exactly_its_requests_and_a_new_call_serves_again() -> None:

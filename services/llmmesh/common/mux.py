@@ -202,13 +202,17 @@ def client_trace(method: str) -> Iterator[dict[str, str]]:
 
 
 class MuxStream:
-    """One request's stream on a call: send ops, take events in batches; `close` cancels it unless ended."""
+    """One request's stream on a call: send ops, take events in batches; `close` cancels it unless ended.
+
+    A stream gets its number when it sends its first op, so a call's streams start in the order of their
+    numbers however late each sends (the stage takes an op for a lower number than it has seen for a late
+    op of an ended stream)."""
 
     __slots__ = ("_conn", "_timer", "ended", "id", "inbox")
 
-    def __init__(self, conn: _Connection, stream_id: int, timeout: float | None) -> None:
+    def __init__(self, conn: _Connection, timeout: float | None) -> None:
         self._conn = conn
-        self.id = stream_id
+        self.id = 0
         self.inbox = Inbox()
         self.ended = False
         self._timer: asyncio.TimerHandle | None = None
@@ -218,7 +222,14 @@ class MuxStream:
             )
 
     def send(self, op: Any) -> None:
-        self._conn.writer.put(op)
+        """Puts `op` on the call, numbered as this stream's."""
+        conn = self._conn
+        if not self.id:
+            self.id = next(conn.client.ids)
+            conn.unsent.discard(self)
+            conn.streams[self.id] = self
+        op.stream = self.id
+        conn.writer.put(op)
 
     async def events(self) -> list[Any]:
         """The events that arrived (at least one); raises UNAVAILABLE when the call was lost."""
@@ -233,10 +244,10 @@ class MuxStream:
         self._release()
 
     def close(self) -> None:
-        """Cancels the request at the stage unless it ended (a no-op when called again)."""
+        """Cancels the request at the stage unless it ended or never started (a no-op when called again)."""
         if not self.ended:
             self.ended = True
-            if self._conn.alive:
+            if self.id and self._conn.alive:
                 self._conn.writer.put(self._conn.client.cancel_op(self.id))
         self._release()
 
@@ -246,7 +257,8 @@ class MuxStream:
             self._timer = None
         conn = self._conn
         conn.streams.pop(self.id, None)
-        if conn.retired and not conn.streams:
+        conn.unsent.discard(self)
+        if conn.retired and not conn.streams and not conn.unsent:
             conn.end()
 
 
@@ -254,6 +266,8 @@ class _Connection:
     def __init__(self, client: MuxClient) -> None:
         self.client = client
         self.streams: dict[int, MuxStream] = {}
+        # Opened, nothing sent yet (no number).
+        self.unsent: set[MuxStream] = set()
         self.alive = True
         self.opened = time.monotonic()
         self.died_at = 0.0
@@ -293,14 +307,14 @@ class _Connection:
             return
         self.alive = False
         self.died_at = time.monotonic()
-        for stream in self.streams.values():
+        for stream in [*self.streams.values(), *self.unsent]:
             stream.inbox.end(error)
         self.writer.close()
         self.call.cancel()
 
     def retire(self) -> None:
         self.retired = True
-        if not self.streams:
+        if not self.streams and not self.unsent:
             self.end()
 
     def end(self) -> None:
@@ -342,7 +356,7 @@ class MuxClient:
         self.alone = alone
         self._slots: list[_Connection | None] = [None] * max(1, calls)
         self._next = 0
-        self._ids = itertools.count(1)
+        self.ids = itertools.count(1)
 
     def _pick(self) -> _Connection:
         slots = self._slots
@@ -369,8 +383,8 @@ class MuxClient:
 
     def open(self, timeout: float | None = None) -> MuxStream:
         conn = self._pick()
-        stream = MuxStream(conn, next(self._ids), timeout)
-        conn.streams[stream.id] = stream
+        stream = MuxStream(conn, timeout)
+        conn.unsent.add(stream)
         return stream
 
     def close(self) -> None:

@@ -134,7 +134,7 @@ class RemoteInfer:
     ) -> AsyncGenerator[infer_pb2.InferResponse, None]:
         with client_trace(_GENERATE) as carrier:
             stream = self._mux.open(timeout)
-            stream.send(infer_pb2.InferStreamOp(stream=stream.id, open=request, header=_header(timeout, carrier)))
+            stream.send(infer_pb2.InferStreamOp(open=request, header=_header(timeout, carrier)))
             try:
                 while True:
                     responses: list[infer_pb2.InferResponse] = []
@@ -171,9 +171,9 @@ class _Sender:
     def __call__(self, message: postprocess_pb2.ProcessRequest | None) -> None:
         stream = self._stream
         if message is None:
-            stream.send(postprocess_pb2.ProcessStreamOp(stream=stream.id, close=True))
+            stream.send(postprocess_pb2.ProcessStreamOp(close=True))
             return
-        op = postprocess_pb2.ProcessStreamOp(stream=stream.id, message=message)
+        op = postprocess_pb2.ProcessStreamOp(message=message)
         if self._header is not None:
             op.header.CopyFrom(self._header)
             self._header = None
