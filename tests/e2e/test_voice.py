@@ -46,6 +46,35 @@ def test_clause_chunks_end_at_boundaries_and_arrive_before_the_model_finishes(ga
     assert 0 < final.timings.time_to_first_token_ms <= final.timings.time_to_first_speakable_chunk_ms
 
 
+_ENDS_SENTENCE = re.compile(r"[.!?…。！？][\"'”’)\]]*\s*$")
+
+
+def test_with_the_classifier_on_the_first_clause_is_sent_before_its_sentence_is_generated(
+    gateway: Stub, mesh: Mesh
+) -> None:
+    """The shipped policy releases clauses for CLAUSE chunking: the first chunk is a clause (not a sentence),
+    scored by the real classifier and sent while the model has not yet generated the end of its sentence."""
+    before = settled_counters(mesh)["tokens"]
+    req = request("Describe Paris in a few sentences.", temperature=0.0, max_tokens=80)
+    req.chunking = generation_pb2.CHUNKING_MODE_CLAUSE
+    chunks: list[generation_pb2.Chunk] = []
+    generated_at_first = None
+    for response in gateway.Generate(req, timeout=120):
+        if response.HasField("chunk"):
+            if not chunks:
+                generated_at_first = model_counters(mesh)["tokens"] - before
+            chunks.append(response.chunk)
+    texts = [c.text for c in chunks]
+    first_sentence = next(i for i, t in enumerate(texts) if _ENDS_SENTENCE.search(t))
+    assert first_sentence > 0, texts  # the first sentence came in more than one chunk
+    tokens_to_sentence_end = sum(len(c.token_ids) for c in chunks[: first_sentence + 1])
+    assert generated_at_first is not None and generated_at_first < tokens_to_sentence_end, (
+        generated_at_first,
+        tokens_to_sentence_end,
+        texts,
+    )
+
+
 def _converse(
     stub: Stub, req: generation_pb2.GenerateRequest, interrupt_after: int
 ) -> tuple[list[str], generation_pb2.ConverseResponse]:

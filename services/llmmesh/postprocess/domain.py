@@ -2,7 +2,8 @@
 
 Each stage only holds back what it must: the detokenizer an incomplete character, the stop matcher a
 tail that may become a stop string, the safety layer what it has not yet checked, the chunker text up
-to the next speakable boundary. Nothing reaches the client before every stage has released it.
+to the next speakable boundary. Nothing reaches the client before every stage has released it. A safety
+layer that releases clause by clause (voice) cuts the chunks itself: the chunker then has nothing to do.
 
 A text pipeline (no vocabulary: a model served by an OpenAI-compatible endpoint) takes text instead of
 ids (`feed_text`) into the same stop strings, safety and chunks; its pieces carry no ids. Each text
@@ -38,9 +39,14 @@ class Finish(enum.Enum):
 
 
 class TextSafety(Protocol):
-    """The safety layer of one stream: returns (checked text to release, blocked category or None)."""
+    """The safety layer of one stream: returns (checked text to release, in pieces; blocked category or None)."""
 
-    async def push(self, text: str, final: bool = False) -> tuple[str, str | None]: ...
+    async def push(self, text: str, final: bool = False) -> tuple[list[str], str | None]: ...
+
+    @property
+    def chunks(self) -> bool:
+        """True when the released pieces are the speakable chunks themselves (clause-level release)."""
+        ...
 
     @property
     def held_chars(self) -> int:
@@ -177,9 +183,13 @@ class TextPipeline:
                 leftover_ids=self._take_ids(),
                 completion_tokens=self._tokens_within(self._released_bytes(max(delivered, 0))),
             )
-        chunks = self._chunker.push(safe)
-        if ending:
-            chunks += self._chunker.flush()
+        if self._safety.chunks:
+            # The safety layer released clause by clause, cut where this chunker would cut.
+            chunks = safe
+        else:
+            chunks = self._chunker.push("".join(safe))
+            if ending:
+                chunks += self._chunker.flush()
         pieces = [Piece(c, []) for c in chunks]
         if pieces:
             pieces[0].ids = self._take_ids()

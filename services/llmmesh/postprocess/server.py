@@ -20,7 +20,7 @@ from llmmesh.common.registry import UnknownModel, load_registry
 from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, TritonClassifier, classifier_for
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
-from llmmesh.postprocess.chunker import ChunkingMode
+from llmmesh.postprocess.chunker import Chunker, ChunkingMode
 from llmmesh.postprocess.domain import TextPipeline
 from llmmesh.postprocess.servicer import PostprocessServicer
 from llmmesh.postprocess.stage import PostprocessStage
@@ -67,9 +67,15 @@ class StreamSafety:
     def __init__(self, stream: SafetyStream) -> None:
         self._stream = stream
 
-    async def push(self, text: str, final: bool = False) -> tuple[str, str | None]:
+    async def push(self, text: str, final: bool = False) -> tuple[list[str], str | None]:
         verdict = await self._stream.push(text, final=final)
-        return verdict.text, verdict.blocked
+        if verdict.pieces:
+            return list(verdict.pieces), verdict.blocked
+        return ([verdict.text] if verdict.text else []), verdict.blocked
+
+    @property
+    def chunks(self) -> bool:
+        return self._stream.chunks
 
     @property
     def held_chars(self) -> int:
@@ -108,7 +114,15 @@ def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonCl
         return TextPipeline(
             assets[model.name].token_bytes if model.backend == "triton" else None,
             list(start.stop),
-            StreamSafety(SafetyStream(policy, use_classifier, deadline)),
+            # CLAUSE chunking: the safety layer may release clause by clause (the policy's classifier.release).
+            StreamSafety(
+                SafetyStream(
+                    policy,
+                    use_classifier,
+                    deadline,
+                    clauses=Chunker(ChunkingMode.CLAUSE) if chunking is ChunkingMode.CLAUSE else None,
+                )
+            ),
             chunking,
         )
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from llmmesh.common.errors import Unavailable
 from llmmesh.common.safety import SafetyPolicy, SafetyStream, SafetyVerdict, check_prompt, load_policy, split_units
+from llmmesh.postprocess.chunker import Chunker, ChunkingMode
 
 POLICY_YAML = """
 version: "test-1"
@@ -241,3 +242,92 @@ async def test_nothing_unchecked_is_ever_released(policy: SafetyPolicy, parts: l
         assert "nasty" not in released
     else:
         assert "nasty" not in released
+
+
+CLAUSE_POLICY_YAML = POLICY_YAML.replace("category: toxicity}", "category: toxicity, release: clause}")
+
+
+@pytest.fixture(scope="module")
+def clause_policy(tmp_path_factory: pytest.TempPathFactory) -> SafetyPolicy:
+    path = tmp_path_factory.mktemp("policy") / "clause.yaml"
+    path.write_text(CLAUSE_POLICY_YAML, encoding="utf-8")
+    return load_policy(path)
+
+
+def _words(text: str) -> list[str]:
+    """Text in word-sized pushes, as a model streams it."""
+    return [w for w in text.replace(" ", "\0 ").split("\0") if w]
+
+
+async def test_clause_release_scores_and_releases_each_clause_with_the_sentence_so_far(
+    clause_policy: SafetyPolicy,
+) -> None:
+    """With the clause policy and a splitter, the first clause is out before its sentence ends; each clause is
+    scored with the sentence so far in front of it, the sentence's last clause as the whole sentence."""
+    classifier = ScriptedClassifier()
+    stream = SafetyStream(clause_policy, classifier, clauses=Chunker(ChunkingMode.CLAUSE))
+    assert stream.chunks
+    text = "The city of Paris is large, and it has many museums. Its river is the Seine, which is long."
+    verdicts = await _run(stream, _words(text))
+    pieces = [p for v in verdicts for p in v.pieces]
+    assert "".join(pieces) == text and _text(verdicts) == text
+    assert pieces == [
+        "The city of Paris is large,",
+        " and it has many museums.",
+        " Its river is the Seine,",
+        " which is long.",
+    ]
+    # The first clause came out before the sentence's end was pushed.
+    first_out = next(i for i, v in enumerate(verdicts) if v.text)
+    assert first_out < _words(text).index(" museums.")
+    assert classifier.scored == [
+        "The city of Paris is large,",
+        "The city of Paris is large, and it has many museums.",
+        " Its river is the Seine,",
+        " Its river is the Seine, which is long.",
+    ]
+
+
+async def test_clause_release_blocks_when_the_completed_sentence_fails(clause_policy: SafetyPolicy) -> None:
+    """A sentence whose last clause makes it unsafe ends the stream: its earlier clause was released, the
+    failing clause and everything after it never are."""
+    classifier = ScriptedClassifier()
+    stream = SafetyStream(clause_policy, classifier, clauses=Chunker(ChunkingMode.CLAUSE))
+    verdicts = await _run(stream, _words("You asked about the weather, and here is a nasty answer. More text."))
+    assert verdicts[-1].blocked == "toxicity"
+    assert _text(verdicts) == "You asked about the weather,"
+    assert stream.finished and await stream.push(" more") == SafetyVerdict("", "toxicity")
+
+
+async def test_sentence_release_holds_the_same_clause_until_the_sentence_is_scored(policy: SafetyPolicy) -> None:
+    """The policy's default (sentence) or no splitter: nothing of a sentence is out before it ends."""
+    for stream in (
+        SafetyStream(policy, ScriptedClassifier(), clauses=Chunker(ChunkingMode.CLAUSE)),
+        SafetyStream(load_policy(), ScriptedClassifier()),
+    ):
+        assert not stream.chunks
+        words = _words("You asked about the weather, and here it is. Done.")
+        verdicts = await _run(stream, words)
+        assert all(v.text == "" for v in verdicts[: words.index(" is.")])
+        assert all(v.pieces == () for v in verdicts)
+
+
+async def test_clause_release_without_a_boundary_holds_at_most_the_window(clause_policy: SafetyPolicy) -> None:
+    """No clause mark or sentence end: the held run is scored and released once it reaches the window."""
+    classifier = ScriptedClassifier()
+    stream = SafetyStream(clause_policy, classifier, clauses=Chunker(ChunkingMode.CLAUSE))
+    window = min(clause_policy.classifier.window_chars, clause_policy.max_hold_chars)
+    for word in _words("word " * 40):
+        await stream.push(word)
+        assert stream.held_chars <= window + len(" word")
+    assert classifier.scored  # something was scored and released before the end
+
+
+async def test_clause_context_is_bounded_by_the_window(clause_policy: SafetyPolicy) -> None:
+    """A sentence of many clauses: what is scored never exceeds the window (plus the clause itself)."""
+    classifier = ScriptedClassifier()
+    stream = SafetyStream(clause_policy, classifier, clauses=Chunker(ChunkingMode.CLAUSE))
+    await _run(stream, _words("one two three four five, " * 12 + "end."))
+    window = min(clause_policy.classifier.window_chars, clause_policy.max_hold_chars)
+    assert max(len(t) for t in classifier.scored) <= 2 * window
+    assert len(classifier.scored) >= 12

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from llmmesh.common.model_assets import ModelAssets
 from llmmesh.common.safety import BlockedTerm, SafetyStream, load_policy
-from llmmesh.postprocess.chunker import ChunkingMode
+from llmmesh.postprocess.chunker import Chunker, ChunkingMode
 from llmmesh.postprocess.domain import Finish, Output, TextPipeline
 from llmmesh.postprocess.server import StreamSafety
 
@@ -132,3 +132,52 @@ async def test_a_batch_is_released_as_one_token_chunk_and_stops_inside_it(assets
     through = len(assets.encode("It is Paris"))
     assert out.pieces[0].ids + out.leftover_ids == ids
     assert out.pieces[0].ids == ids[:through] and out.completion_tokens == through
+
+
+class _Marker:
+    """Scores 1.0 (unsafe) a text that contains the marker word, else 0.0."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.calls = 0
+
+    async def score(self, texts: list[str], timeout: float | None = None) -> list[float]:
+        self.calls += 1
+        return [1.0 if self.marker in t else 0.0 for t in texts]
+
+
+def _clause_pipeline(assets: ModelAssets, marker: str) -> TextPipeline:
+    policy = load_policy()  # the shipped policy releases clauses for CLAUSE chunking
+    assert policy.classifier.release == "clause"
+    safety = SafetyStream(policy, _Marker(marker), clauses=Chunker(ChunkingMode.CLAUSE))
+    return TextPipeline(assets.token_bytes, [], StreamSafety(safety), ChunkingMode.CLAUSE)
+
+
+async def test_clause_release_sends_each_clause_when_it_is_scored(assets: ModelAssets) -> None:
+    """CLAUSE chunking with the classifier on: the first clause is a chunk before the sentence has ended, and
+    the chunks are the clauses the chunker cuts, each with its own ids."""
+    text = "The capital of France is Paris, which is known for its museums. It is large."
+    ids = assets.encode(text)
+    pipeline = _clause_pipeline(assets, "nasty")
+    arrivals: list[tuple[int, str]] = []
+    seen: list[int] = []
+    for k, i in enumerate(ids):
+        out = await pipeline.feed([i])
+        arrivals += [(k, p.text) for p in out.pieces]
+        seen += [x for p in out.pieces for x in p.ids]
+    out = await pipeline.finish(Finish.STOP)
+    arrivals += [(len(ids), p.text) for p in out.pieces]
+    seen += [x for p in out.pieces for x in p.ids] + out.leftover_ids
+    chunker = Chunker(ChunkingMode.CLAUSE)
+    assert [t for _, t in arrivals] == chunker.push(text) + chunker.flush()
+    assert seen == ids and out.finish is Finish.STOP
+    sentence_end = len(assets.encode("The capital of France is Paris, which is known for its museums."))
+    assert arrivals[0][1] == "The capital of France is Paris," and arrivals[0][0] < sentence_end - 3
+
+
+async def test_clause_release_ends_with_content_filter_when_the_sentence_fails(assets: ModelAssets) -> None:
+    """The sentence's first clause is out; its failing clause and what follows never are."""
+    ids = assets.encode("Here is the answer you wanted, and it is nasty stuff. More.")
+    texts, _, out = await _run(_clause_pipeline(assets, "nasty"), ids)
+    assert out.finish is Finish.CONTENT_FILTER and out.category == "toxicity"
+    assert "".join(texts) == "Here is the answer you wanted,"

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -70,6 +70,12 @@ class ClassifierSettings(_Frozen):
     window_chars: int = Field(default=200, ge=16)
     # Score the prompt too (check_prompt), before any generation.
     check_prompts: bool = True
+    # The unit a response is released at when its request asks for CLAUSE chunking (voice): "sentence"
+    # holds each sentence until the whole of it is scored; "clause" scores and releases each clause (with
+    # the sentence so far as context) and the whole sentence again when it completes, ending the stream
+    # with CONTENT_FILTER if it then fails: its earlier clauses have already been released (spoken).
+    # Other chunking modes always release whole sentences.
+    release: Literal["sentence", "clause"] = "sentence"
 
 
 class _HoldSettings(_Frozen):
