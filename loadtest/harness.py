@@ -32,14 +32,20 @@ INSTRUMENT = "instrument"
 CLASSIFIER = "safety_classifier"
 
 
-def instrument_repository(dest: Path, ttft_ms: float, itl_ms: float, others: tuple[str, ...] = ()) -> Path:
-    """A model repository at `dest`: the instrument with the given timing, and `others` as they are."""
+def instrument_repository(
+    dest: Path, ttft_ms: float, itl_ms: float, others: tuple[str, ...] = (), cancel_check_every: int | None = None
+) -> Path:
+    """A model repository at `dest`: the instrument with the given timing (and how often it looks for a cancel,
+    in tokens), and `others` as they are."""
     shutil.copytree(repository_root() / INSTRUMENT, dest / INSTRUMENT)
     for name in others:
         shutil.copytree(repository_root() / name, dest / name)
     config = dest / INSTRUMENT / "config.pbtxt"
     text = config.read_text()
-    for key, value in (("ttft_ms", ttft_ms), ("itl_ms", itl_ms)):
+    settings: list[tuple[str, float]] = [("ttft_ms", ttft_ms), ("itl_ms", itl_ms)]
+    if cancel_check_every is not None:
+        settings.append(("cancel_check_every", cancel_check_every))
+    for key, value in settings:
         text, n = re.subn(rf'(key: "{key}" value: {{ string_value: ")[^"]*(")', rf"\g<1>{value:g}\g<2>", text)
         if n != 1:
             raise ValueError(f"{config}: parameter {key} not found")
@@ -89,6 +95,7 @@ def running_mesh(
     pii: bool = True,
     classifier: bool = False,
     in_gateway: tuple[str, ...] = (),
+    cancel_check_every: int | None = None,
 ) -> Iterator[Mesh]:
     """Triton (instrument) and the four services as processes; stopped in order (gateway first) on exit."""
     with tempfile.TemporaryDirectory(prefix="llmmesh-instrument-") as tmp:
@@ -101,7 +108,7 @@ def running_mesh(
             policy = policy_without_pii(Path(tmp) / "policy.yaml")
             extra["LLMMESH_PREPROCESS_SAFETY_POLICY_PATH"] = str(policy)
             extra["LLMMESH_POSTPROCESS_SAFETY_POLICY_PATH"] = str(policy)
-        repository = instrument_repository(Path(tmp) / "models", ttft_ms, itl_ms, models[1:])
+        repository = instrument_repository(Path(tmp) / "models", ttft_ms, itl_ms, models[1:], cancel_check_every)
         with started_on_free_ports(
             lambda ports: Mesh(
                 ports=ports,

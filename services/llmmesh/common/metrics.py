@@ -22,6 +22,7 @@ __all__ = [
     "INFLIGHT_STREAMS",
     "INTER_TOKEN_LATENCY",
     "PROMPT_TOKENS",
+    "PROMPT_WARMS",
     "QUEUE_TIME",
     "REQUESTS",
     "RPCS",
@@ -110,6 +111,12 @@ REUSE_SAVED_COST = Counter(
     "llmmesh_reuse_saved_cost",
     "Cost of the answers joined in flight or replayed from the cache",
     ["model", "route", "caller"],
+)
+PROMPT_WARMS = Counter(
+    "llmmesh_prompt_warms",
+    "Interim turns of voice streams prefilled ahead of their request, by outcome "
+    "(done, cancelled, skipped, invalid, failed)",
+    ["outcome"],
 )
 
 # Postprocess: safety decisions.

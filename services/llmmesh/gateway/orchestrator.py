@@ -239,6 +239,17 @@ def _for_model(request: generation_pb2.GenerateRequest, model: str) -> generatio
     return chosen
 
 
+def _first_model(plan: Plan | None) -> ModelEntry | None:
+    """The model a plan tries first: a pick's, a cascade's first, a fallback's first option's."""
+    if plan is None:
+        return None
+    if isinstance(plan, Pick):
+        return plan.model
+    if isinstance(plan, Cascade):
+        return plan.first
+    return _first_model(plan.options[0]) if plan.options else None
+
+
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 
@@ -415,7 +426,6 @@ class Orchestrator:
             request = _for_model(request, model.name)
         request_id = request.request_id
         prepared = await self._prepare(request, deadline)
-        text_backend = prepared.backend == "openai"
         set_attributes(
             span,
             {
@@ -441,30 +451,7 @@ class Orchestrator:
             )
             yield generation_pb2.GenerateResponse(final=final)
             return
-        # The caller's identity scopes what it may share; it travels inside the keys, never as a request id.
-        share_key = prepared.request_hash if self._sharing_scope == "global" else f"{caller}/{prepared.request_hash}"
-        infer_request = infer_pb2.InferRequest(
-            request_id=request_id,
-            model=prepared.model,
-            input_ids=prepared.input_ids,
-            end_id=prepared.end_id,
-            pad_id=prepared.pad_id,
-            sampling=prepared.sampling,
-            stop_token_ids=prepared.stop_token_ids,
-            request_hash=share_key,
-            shareable=prepared.shareable,
-            priority=request.priority,
-            idempotency_key=f"{caller}/{request.idempotency_key}" if request.idempotency_key else "",
-            fresh=request.fresh,
-            return_log_probs=gate is not None,
-        )
-        if text_backend:
-            # The endpoint tokenizes and templates: it gets the request's text and the stop strings.
-            if request.WhichOneof("input") == "chat":
-                infer_request.chat.CopyFrom(request.chat)
-            else:
-                infer_request.prompt = request.prompt
-            infer_request.stop.extend(prepared.stop)
+        infer_request = self._infer_request(request, prepared, caller, log_probs=gate is not None)
         times.handed = time.monotonic()
         first_token_at: float | None = None
         first_speakable_at: float | None = None
@@ -540,7 +527,7 @@ class Orchestrator:
         if done.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER and prepared.shareable:
             # Filtered text is never served from the result cache.
             with contextlib.suppress(LlmmeshError):
-                await self._stages.infer.forget(share_key)
+                await self._stages.infer.forget(infer_request.request_hash)
         if done.token_ids and done.finish_reason in (
             generation_pb2.FINISH_REASON_STOP,
             generation_pb2.FINISH_REASON_LENGTH,
@@ -574,6 +561,69 @@ class Orchestrator:
             else "",
         )
         yield generation_pb2.GenerateResponse(final=final)
+
+    def _infer_request(
+        self,
+        request: generation_pb2.GenerateRequest,
+        prepared: preprocess_pb2.PrepareResponse,
+        caller: str,
+        log_probs: bool = False,
+    ) -> infer_pb2.InferRequest:
+        # The caller's identity scopes what it may share; it travels inside the keys, never as a request id.
+        share_key = prepared.request_hash if self._sharing_scope == "global" else f"{caller}/{prepared.request_hash}"
+        infer_request = infer_pb2.InferRequest(
+            request_id=request.request_id,
+            model=prepared.model,
+            input_ids=prepared.input_ids,
+            end_id=prepared.end_id,
+            pad_id=prepared.pad_id,
+            sampling=prepared.sampling,
+            stop_token_ids=prepared.stop_token_ids,
+            request_hash=share_key,
+            shareable=prepared.shareable,
+            priority=request.priority,
+            idempotency_key=f"{caller}/{request.idempotency_key}" if request.idempotency_key else "",
+            fresh=request.fresh,
+            return_log_probs=log_probs,
+        )
+        if prepared.backend == "openai":
+            # The endpoint tokenizes and templates: it gets the request's text and the stop strings.
+            if request.WhichOneof("input") == "chat":
+                infer_request.chat.CopyFrom(request.chat)
+            else:
+                infer_request.prompt = request.prompt
+            infer_request.stop.extend(prepared.stop)
+        return infer_request
+
+    async def warm(self, request: generation_pb2.GenerateRequest, timeout: float | None, caller: str = "") -> str:
+        """An interim turn (Converse's `interim`): prepared as its request will be (validation, template,
+        tokens), then prefilled by the model its request would start on (a cascade's first model, a
+        fallback's first option), generating one token that nobody sees. The model keeps the prompt's
+        state (llama.cpp's prompt cache per slot, TensorRT-LLM's KV block reuse), so the request that
+        extends this turn only computes its last words. Never shared, stored or counted as an answer.
+        Returns how it ended: "done", or "skipped" (the prompt was blocked: nothing to warm)."""
+        deadline = _Deadline(timeout)
+        request = with_request_id(request)
+        if self._router is not None:
+            _, plan = self._router.plan(request, caller)
+            model = _first_model(plan)
+            if model is not None:
+                request = _for_model(request, model.name)
+        await self._stages.connected(deadline.remaining())
+        prepared = await self._prepare(request, deadline)
+        if prepared.blocked_category:
+            return "skipped"
+        infer_request = self._infer_request(request, prepared, caller)
+        infer_request.sampling.max_tokens = 1
+        infer_request.shareable = False
+        infer_request.request_hash = ""
+        infer_request.idempotency_key = ""
+        infer_request.fresh = True
+        answer = self._stages.infer.generate(infer_request, deadline.remaining())
+        async with contextlib.aclosing(answer):
+            async for _ in answer:
+                pass  # the prefill is the point; its token is dropped
+        return "done"
 
     async def _prepare(
         self, request: generation_pb2.GenerateRequest, deadline: _Deadline
