@@ -89,8 +89,9 @@ def request(prompt: str, **sampling: object) -> generation_pb2.GenerateRequest:
 
 
 def model_counters(mesh: Mesh) -> dict[str, float]:
-    """The model's own counters from Triton's metrics endpoint: tokens generated, requests by outcome, and
-    (the instrument) when it last noticed a cancel, as `last_cancel`."""
+    """The model's own counters from Triton's metrics endpoint: tokens generated, requests by outcome,
+    (llama.cpp models) prompt tokens as `prompt_cached` and `prompt_computed`, and (the instrument) when it
+    last noticed a cancel, as `last_cancel`."""
     assert mesh.triton is not None
     with urllib.request.urlopen(mesh.triton.metrics_url, timeout=5) as resp:
         text = resp.read().decode()
@@ -103,6 +104,9 @@ def model_counters(mesh: Mesh) -> dict[str, float]:
             elif sample.name == "llmmesh_model_requests_total":
                 outcome = sample.labels["outcome"]
                 out[outcome] = out.get(outcome, 0.0) + sample.value
+            elif sample.name == "llmmesh_model_prompt_tokens_total":
+                key = f"prompt_{sample.labels['source']}"
+                out[key] = out.get(key, 0.0) + sample.value
             elif sample.name == "llmmesh_model_last_cancel_time_seconds":
                 out["last_cancel"] = max(out.get("last_cancel", 0.0), sample.value)
     return out

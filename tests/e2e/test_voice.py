@@ -12,7 +12,7 @@ import pytest
 from llmmesh.launcher import Mesh
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
-from .conftest import model_counters, request, settled_counters
+from .conftest import model_counters, request, settled_counters, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -73,6 +73,38 @@ def test_with_the_classifier_on_the_first_clause_is_sent_before_its_sentence_is_
         tokens_to_sentence_end,
         texts,
     )
+
+
+_LONG_TURN = (
+    "I am planning a trip to France next spring with my family, two adults and two children aged eight and"
+    " eleven, and we would like to spend a week in Paris and a few days somewhere by the sea, travelling by"
+    " train, staying in small hotels, eating well without spending too much, and seeing the museums the"
+    " children will enjoy most, so which city by the sea would you pick for us?"
+)
+
+
+def test_an_interim_turn_leaves_only_its_last_words_for_the_model_to_compute(gateway: Stub, mesh: Mesh) -> None:
+    """Converse's interim on the real model: llama.cpp prefills the interim transcript; the request that extends
+    it takes that prefix from the prompt cache and computes only its last words (the model's own counters)."""
+    final = request(_LONG_TURN, temperature=0.0, max_tokens=1)
+    interim = request(_LONG_TURN.rsplit(" ", 4)[0], temperature=0.0, max_tokens=1)
+    outbox: queue.Queue[generation_pb2.ConverseRequest | None] = queue.Queue()
+    before = settled_counters(mesh)
+    call = gateway.Converse(iter(outbox.get, None), timeout=120)
+    outbox.put(generation_pb2.ConverseRequest(interim=interim))
+    assert wait_for(lambda: model_counters(mesh).get("completed", 0) > before.get("completed", 0), 60)
+    warmed = settled_counters(mesh)
+    outbox.put(generation_pb2.ConverseRequest(generate=final))
+    outbox.put(None)
+    responses = list(call)
+    after = settled_counters(mesh)
+    assert responses[-1].HasField("final") and responses[-1].final.usage.completion_tokens == 1
+    prefilled = warmed["prompt_computed"] - before["prompt_computed"]
+    computed = after["prompt_computed"] - warmed["prompt_computed"]
+    cached = after["prompt_cached"] - warmed["prompt_cached"]
+    prompt = responses[-1].final.usage.prompt_tokens
+    assert prefilled > 60 and cached >= prefilled - 10, (prefilled, cached, computed, prompt)
+    assert computed <= 20 and cached + computed == prompt, (prefilled, cached, computed, prompt)
 
 
 def _converse(

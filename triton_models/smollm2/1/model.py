@@ -91,8 +91,12 @@ class _Stream:
         self.cancelled = False
         # Set by a stop request for this request's id (TensorRT-LLM's `stop` input).
         self.stopped = False
+        # llama.cpp's timings of the request (its last chunk): prompt tokens taken from the cache, computed.
+        self.timings: dict[str, Any] = {}
 
     def on_chunk(self, chunk: dict[str, Any]) -> bool:
+        if "timings" in chunk:
+            self.timings = chunk["timings"] or {}
         sender = self.sender
         if sender is None:
             return True
@@ -143,8 +147,15 @@ class TritonPythonModel:
             description="Generations by how they ended: completed or cancelled",
             kind=pb_utils.MetricFamily.COUNTER,
         )
+        prompt = pb_utils.MetricFamily(
+            name="llmmesh_model_prompt_tokens_total",
+            description="Prompt tokens of finished requests: taken from llama.cpp's prompt cache, or computed",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
         # The families must outlive their metrics: keep them referenced.
-        self._families = (tokens, requests)
+        self._families = (tokens, requests, prompt)
+        self._prompt_cached = prompt.Metric(labels={**labels, "source": "cached"})
+        self._prompt_computed = prompt.Metric(labels={**labels, "source": "computed"})
         self._tokens = tokens.Metric(labels=labels)
         self._completed = requests.Metric(labels={**labels, "outcome": "completed"})
         self._cancelled = requests.Metric(labels={**labels, "outcome": "cancelled"})
@@ -270,6 +281,8 @@ class TritonPythonModel:
         cancelled = stream.cancelled or stream.stopped or self._is_cancelled(sender_)
         with self._ipc:
             (self._cancelled if cancelled else self._completed).increment(1)
+            self._prompt_cached.increment(int(stream.timings.get("cache_n", 0)))
+            self._prompt_computed.increment(int(stream.timings.get("prompt_n", 0)))
         if cancelled:
             self._logger.log_info(f"request cancelled after {len(generated)} tokens")
             self._send(sender_, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
