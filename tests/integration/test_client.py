@@ -53,6 +53,8 @@ class Script:
     metadata: list[dict[str, str]] = field(default_factory=list)
     requests: list[generation_pb2.GenerateRequest] = field(default_factory=list)
     interrupts: int = 0
+    # Converse: the prompts of the interim turns before the request, in order.
+    interims: list[str] = field(default_factory=list)
 
 
 def _final(request_id: str, n: int) -> generation_pb2.Final:
@@ -103,6 +105,9 @@ class FakeMesh(generation_pb2_grpc.GenerationServiceServicer):
         self, request_iterator: Iterator[generation_pb2.ConverseRequest], context: grpc.ServicerContext
     ) -> Iterator[generation_pb2.ConverseResponse]:
         first = next(request_iterator)
+        while first.WhichOneof("kind") == "interim":
+            self.script.interims.append(first.interim.prompt)
+            first = next(request_iterator)
         assert first.WhichOneof("kind") == "generate"
         self._begin(first.generate, context)
         s = self.script
@@ -352,6 +357,29 @@ def test_converse_without_interrupt_ends_with_final_and_a_late_interrupt_is_not_
         late = session.interrupt()
     assert session.final is not None and session.final.finish_reason is FinishReason.STOP
     assert not late.acknowledged and late.delivered_text == "".join(texts) == "The capital of France is Paris."
+
+
+def test_interim_turns_go_first_on_the_same_call(fake: Fake) -> None:
+    """interim() before send(): the transcripts so far, then the request, on one Converse call."""
+    with Client(fake.address) as client, client.converse() as session:
+        session.interim("What is the", max_tokens=8)
+        session.interim("What is the capital", max_tokens=8)
+        session.send("What is the capital of France?", max_tokens=8)
+        texts = [c.text for c in session]
+        with pytest.raises(RuntimeError):
+            session.interim("too late")
+    assert fake.script.interims == ["What is the", "What is the capital"]
+    assert fake.script.calls == 1 and "".join(texts) == "The capital of France is Paris."
+    assert session.final is not None
+
+
+async def test_async_interim_turns_go_first_on_the_same_call(fake: Fake) -> None:
+    async with AsyncClient(fake.address) as client, client.converse() as session:
+        await session.interim("Describe")
+        await session.send("Describe Paris")
+        texts = [c.text async for c in session]
+    assert fake.script.interims == ["Describe"] and fake.script.calls == 1
+    assert "".join(texts) == "The capital of France is Paris."
 
 
 async def test_async_converse_retries_before_the_first_chunk(fake: Fake) -> None:

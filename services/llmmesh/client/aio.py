@@ -90,7 +90,8 @@ _END = object()
 
 
 class AsyncVoiceSession:
-    """One `Converse` turn: `await send()`, `async for` the chunks, `await interrupt()` from any task.
+    """One `Converse` turn: `await interim()` as the user speaks (optional), `await send()`, `async for` the
+    chunks, `await interrupt()` from any task.
 
     A reader task owns the call's reads; chunks reach the iterator through a queue, so another task can
     interrupt while one is iterating.
@@ -115,7 +116,24 @@ class AsyncVoiceSession:
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()
         self._call: Any = None
+        # The call that interim() opened, for the request's first attempt.
+        self._opened: Any = None
         self._task: asyncio.Task[None] | None = None
+
+    async def interim(self, prompt: Prompt, **params: Unpack[RequestParams]) -> None:
+        """Before `send()`, while the user still speaks: the transcript so far, with the request's parameters.
+        The mesh prepares it and has the model prefill it, so the request that then extends it only computes
+        its last words; nothing is generated for it. Call again as the transcript grows (a changed one cancels
+        the last warm-up). Best effort: a warm-up never fails the turn, except for invalid input, which the
+        request's first attempt then reports (INVALID_ARGUMENT naming `interim.<field>`)."""
+        if self._task is not None:
+            raise RuntimeError("interim() goes before send()")
+        message = generation_pb2.ConverseRequest(interim=build_request(prompt, **params))
+        async with self._write_lock:
+            if self._opened is None:
+                self._opened = self._stub.Converse(timeout=self._deadline.remaining(), metadata=self._metadata)
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                await self._opened.write(message)
 
     async def send(self, prompt: Prompt, **params: Unpack[RequestParams]) -> str:
         """Starts the turn; returns its request id. Converse takes one request per stream."""
@@ -183,7 +201,9 @@ class AsyncVoiceSession:
                 raise deadline_error()
             self.attempts += 1
             chunks_seen = False
-            call = self._stub.Converse(timeout=self._deadline.remaining(), metadata=self._metadata)
+            call, self._opened = self._opened, None
+            if call is None:
+                call = self._stub.Converse(timeout=self._deadline.remaining(), metadata=self._metadata)
             self._call = call
             try:
                 async with self._write_lock:
@@ -224,6 +244,9 @@ class AsyncVoiceSession:
 
     async def close(self) -> None:
         """Cancels the call if it is still running and waits for the reader task."""
+        if self._opened is not None:
+            self._opened.cancel()  # interim turns and no request: the warm-up is cancelled
+            self._opened = None
         if self._call is not None and not self._ended.is_set():
             self._call.cancel()
         if self._task is not None:

@@ -97,7 +97,8 @@ _END = object()
 
 
 class VoiceSession(Iterator[Chunk]):
-    """One `Converse` turn: `send()` a request, iterate chunks, `interrupt()` at any moment (any thread).
+    """One `Converse` turn: `interim()` as the user speaks (optional), `send()` a request, iterate chunks,
+    `interrupt()` at any moment (any thread).
 
     A reader thread owns the call; chunks reach the iterator through a queue, so `interrupt()` can be
     called while another thread is iterating. Retries follow `Generation`'s rule, and never once an
@@ -122,7 +123,25 @@ class VoiceSession(Iterator[Chunk]):
         self._wake = threading.Event()
         self._ended = threading.Event()
         self._call: Any = None
+        # The call that interim() opened and its outbox, for the request's first attempt.
+        self._opened: tuple[queue.Queue[generation_pb2.ConverseRequest | None], Any] | None = None
         self._thread: threading.Thread | None = None
+
+    def interim(self, prompt: Prompt, **params: Unpack[RequestParams]) -> None:
+        """Before `send()`, while the user still speaks: the transcript so far, with the request's parameters.
+        The mesh prepares it and has the model prefill it, so the request that then extends it only computes
+        its last words; nothing is generated for it. Call again as the transcript grows (a changed one cancels
+        the last warm-up). Best effort: a warm-up never fails the turn, except for invalid input, which the
+        request's first attempt then reports (INVALID_ARGUMENT naming `interim.<field>`)."""
+        if self._thread is not None:
+            raise RuntimeError("interim() goes before send()")
+        message = generation_pb2.ConverseRequest(interim=build_request(prompt, **params))
+        with self._lock:
+            if self._opened is None:
+                outbox: queue.Queue[generation_pb2.ConverseRequest | None] = queue.Queue()
+                call = self._stub.Converse(_drain(outbox), timeout=self._deadline.remaining(), metadata=self._metadata)
+                self._opened = (outbox, call)
+            self._opened[0].put(message)
 
     def send(self, prompt: Prompt, **params: Unpack[RequestParams]) -> str:
         """Starts the turn; returns its request id. Converse takes one request per stream."""
@@ -179,7 +198,9 @@ class VoiceSession(Iterator[Chunk]):
         assert self.request is not None
         generate = generation_pb2.ConverseRequest(generate=self.request)
         while True:
-            outbox: queue.Queue[generation_pb2.ConverseRequest | None] = queue.Queue()
+            with self._lock:
+                opened, self._opened = self._opened, None
+            outbox: queue.Queue[generation_pb2.ConverseRequest | None] = opened[0] if opened else queue.Queue()
             with self._lock:
                 if self._interrupt_requested:
                     # Interrupted between attempts: nothing was generated for us.
@@ -192,8 +213,12 @@ class VoiceSession(Iterator[Chunk]):
             self.attempts += 1
             chunks_seen = False
             try:
-                self._call = self._stub.Converse(
-                    _drain(outbox), timeout=self._deadline.remaining(), metadata=self._metadata
+                self._call = (
+                    opened[1]
+                    if opened
+                    else self._stub.Converse(
+                        _drain(outbox), timeout=self._deadline.remaining(), metadata=self._metadata
+                    )
                 )
                 for response in self._call:
                     kind = response.WhichOneof("kind")
@@ -227,6 +252,11 @@ class VoiceSession(Iterator[Chunk]):
 
     def close(self) -> None:
         """Cancels the call if it is still running and waits for the reader thread."""
+        with self._lock:
+            opened, self._opened = self._opened, None
+        if opened is not None:
+            opened[1].cancel()  # interim turns and no request: the warm-up is cancelled
+            opened[0].put(None)
         if self._call is not None and not self._ended.is_set():
             self._call.cancel()
         if self._thread is not None:
