@@ -4,7 +4,8 @@ TOKEN passes every delta through. SENTENCE cuts after a sentence end (. ! ? and 
 clause punctuation (, ; : — and ，、；：) and before a conjunction, once the chunk has a minimum length.
 Abbreviations ("Dr.", "e.g."), decimals ("3.14", "3,5") and ellipses ("...", "…") never cut. A mark is
 judged only once the next character is known (".5" vs ". "), so the last character or two may wait for
-the next delta; at the end of the stream everything left is one final chunk.
+the next delta, except a clause mark right after a letter ("Paris,"), which ends its clause at once (voice
+hears the clause a token earlier); at the end of the stream everything left is one final chunk.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ class Chunker:
                 return i + 1
             if ch in _CLAUSE_MARK:
                 if nxt is None:
-                    return None
+                    # After a word the mark ends its clause whatever comes next: cut now, a token earlier
+                    # than waiting for the space. After a digit it may be a decimal or a time ("3,5", "10:30").
+                    return i + 1 if i > 0 and s[i - 1].isalpha() else None
                 if nxt.isspace():
                     return i + 1
         if clause:

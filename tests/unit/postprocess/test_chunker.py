@@ -65,6 +65,16 @@ def test_a_mark_at_the_end_waits_for_the_next_character() -> None:
     assert c.flush() == [" Ok"]
 
 
+def test_a_clause_mark_after_a_word_cuts_without_waiting_for_the_next_token() -> None:
+    """ "Paris," ends its clause as soon as the comma arrives; after a digit the comma waits ("3,5")."""
+    c = Chunker(ChunkingMode.CLAUSE)
+    assert c.push("The capital of France is Paris,") == ["The capital of France is Paris,"]
+    assert c.push(" a city on the Seine;") == [" a city on the Seine;"]
+    assert c.push(" it costs about 3,") == []
+    assert c.push("5 euros a coffee, or more.") == [" it costs about 3,5 euros a coffee,"]
+    assert c.flush() == [" or more."]
+
+
 def test_token_mode_passes_deltas_through() -> None:
     """TOKEN mode returns each non-empty delta as it comes."""
     c = Chunker(ChunkingMode.TOKEN)
