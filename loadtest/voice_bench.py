@@ -31,7 +31,9 @@ stop (250 ms of polling after it). The counter is model-wide: at 1 session the c
 concurrent sessions per batch. A generation that completed instead of being cancelled (the barge-in came
 too late) is counted apart; the mesh's acknowledgement of each barge-in is timed too (barge-in to ack).
 
-Model floor (1 session). Once per round the same prompt, tokenized by preprocess's own `Preparer` (same chat
+Model floor (1 session). Each round's prompt first goes to the model directly (so the round's answers and
+the floor all find it in llama.cpp's prompt cache, and what is compared is everything but the prefill);
+after the answers the same prompt, tokenized by preprocess's own `Preparer` (same chat
 template, same default system prompt), goes straight to Triton through infer's own `TritonBackend`
 (ModelStreamInfer, TensorRT-LLM tensors, a call of its own, greedy, same max tokens), and each token's
 arrival is noted. An answer's floor is the arrival of the token that completes its first speakable chunk's
@@ -384,6 +386,11 @@ async def _level(
         prompts = [PROMPTS[(r + i) % len(PROMPTS)] for i in range(level)]
         order = plan.modes if r % 2 == 0 else plan.modes[::-1]
         answers: list[tuple[Chunking, VoiceRun, list[Chunk]]] = []
+        if measure_floor:
+            assert direct is not None
+            # The prompt goes to the model first, so the answers and the floor all find it in llama.cpp's
+            # prompt cache: the floor is then compared with everything but the prefill.
+            await direct.run(prompts[0], plan.max_tokens)
         for mode in order:
             ids = [uuid.uuid4().hex for _ in prompts]
             results = await asyncio.gather(
