@@ -18,7 +18,7 @@ from pathlib import Path
 from llmmesh.common.model_assets import load_model_assets
 from llmmesh.infer.backend import Generation, TritonBackend
 from llmmesh.infer.triton_server import TritonServer
-from llmmesh.launcher import free_port
+from llmmesh.launcher import free_ports
 
 PROMPTS = [
     "Write a long story about a dragon.",
@@ -77,7 +77,7 @@ async def _main(args: argparse.Namespace) -> list[dict]:
         )
         for p in PROMPTS
     ]
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     with TritonServer(*ports):
         backend = TritonBackend(f"127.0.0.1:{ports[0]}", {"smollm2": "smollm2"})
         await _level(backend, prompts, 1, 1, 16)  # warm-up, excluded

@@ -32,7 +32,7 @@ from typing import Any
 
 from llmmesh.common.safety import DEFAULT_POLICY_PATH, SafetyPolicy, SafetyStream, TritonClassifier, load_policy
 from llmmesh.infer.triton_server import TritonServer
-from llmmesh.launcher import free_port
+from llmmesh.launcher import free_ports
 from llmmesh.postprocess.chunker import Chunker, ChunkingMode
 
 SET = Path(__file__).parent / "prompts" / "safety_labelled.jsonl"
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llmmesh-release-") as tmp:
-        server = TritonServer(free_port(), free_port(), free_port(), models=(MODEL,), log_path=Path(tmp) / "triton.log")
+        server = TritonServer(*free_ports(3), models=(MODEL,), log_path=Path(tmp) / "triton.log")
         server.start()
         try:
             server.wait_ready(timeout=180)

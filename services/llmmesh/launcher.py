@@ -8,6 +8,7 @@ Nothing outlives the launcher however it dies: each service drains and exits onc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -27,7 +28,7 @@ from llmmesh.common.tls import client_credentials
 from llmmesh.common.triton_auth import new_header, triton_args
 from llmmesh.infer.triton_server import StartCancelled, TritonServer, repository_root
 
-__all__ = ["SERVICES", "Mesh", "MeshPorts", "StartCancelled", "free_port"]
+__all__ = ["SERVICES", "Mesh", "MeshPorts", "StartCancelled", "free_port", "free_ports"]
 
 SERVICES = ("preprocess", "infer", "postprocess", "gateway")
 # The gateway's API key settings (without their LLMMESH_GATEWAY_ prefix): either one set = keys required.
@@ -38,6 +39,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports: each socket is held until all are bound (a port freed by one pick
+    could otherwise be handed out again by the next)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ class MeshPorts:
 
     @classmethod
     def free(cls) -> MeshPorts:
-        return cls(*(free_port() for _ in dataclasses.fields(cls)))
+        return cls(*free_ports(len(dataclasses.fields(cls))))
 
     def metrics_url(self, service: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{getattr(self, f'{service}_metrics')}/metrics"

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.infer.triton_server import TritonServer, remove_orphaned_shm
-from llmmesh.launcher import SERVICES, Mesh, MeshPorts, free_port
+from llmmesh.launcher import SERVICES, Mesh, MeshPorts, free_ports
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
 # The e2e mesh blocks one harmless word so that a real answer can be made to hit the filter.
@@ -63,7 +63,7 @@ def process_group_alive(pgid: int) -> bool:
 def running_triton(*models: str) -> Iterator[TritonServer]:
     """A Triton of its own serving `models` on free ports, for a module fixture (`yield from`): stopped after,
     with nothing of it left behind."""
-    server = TritonServer(free_port(), free_port(), free_port(), models=models)
+    server = TritonServer(*free_ports(3), models=models)
     server.start()
     pid = server.pid
     try:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from llmmesh.launcher import free_port
+from llmmesh.launcher import free_ports
 
 
 @dataclass
@@ -58,8 +58,7 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[Span] = []
         self._lock = threading.Lock()
-        self.grpc_port = free_port()
-        self.http_port = free_port()
+        self.grpc_port, self.http_port = free_ports(2)
         self._grpc = grpc.server(futures.ThreadPoolExecutor(4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_GrpcTraces(self), self._grpc)
         self._grpc.add_insecure_port(f"127.0.0.1:{self.grpc_port}")

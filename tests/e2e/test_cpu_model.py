@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from llmmesh.common.model_assets import ModelAssets
 from llmmesh.infer.backend import Generation, build_request
 from llmmesh.infer.triton_server import TritonServer, remove_orphaned_shm
-from llmmesh.launcher import free_port
+from llmmesh.launcher import free_ports
 
 from .sockets import listening_tcp, listening_unix, process_tree
 
@@ -33,7 +33,7 @@ def triton() -> Iterator[TritonServer]:
     cpus = os.sched_getaffinity(0)
     if len(cpus) < 2:
         pytest.skip("needs two CPUs: one to pin Triton to, and more that os.cpu_count() would report")
-    server = TritonServer(free_port(), free_port(), free_port(), models=("smollm2",))
+    server = TritonServer(*free_ports(3), models=("smollm2",))
     # This thread only: Popen's child inherits the affinity, the rest of pytest keeps every CPU.
     os.sched_setaffinity(0, {min(cpus)})
     try:

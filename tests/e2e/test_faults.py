@@ -35,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmmesh.common.registry import registry_file
 from llmmesh.infer.triton_server import repository_root
-from llmmesh.launcher import SERVICES, Mesh, MeshPorts, free_port
+from llmmesh.launcher import SERVICES, Mesh, MeshPorts, free_ports
 from llmmesh.stages.v1 import (
     infer_pb2,
     infer_pb2_grpc,
@@ -76,8 +76,10 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         assert n == 1, key
     config.write_text(text)
     ports = MeshPorts.free()
-    replica = free_port()
-    BROKEN.update({name: free_port() for name in ("preprocess", "infer", "postprocess")})
+    # Distinct from each other; the mesh's own set was picked apart from them (rarely the same port: its
+    # processes would then fail to start, loudly).
+    replica, *broken = free_ports(4)
+    BROKEN.update(zip(("preprocess", "infer", "postprocess"), broken, strict=True))
     mesh = Mesh(
         ports=ports,
         log_dir=tmp_path_factory.mktemp("fault-logs"),

@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.infer.backend import Generation, build_request
 from llmmesh.infer.triton_server import TritonServer, remove_orphaned_shm, repository_root
-from llmmesh.launcher import free_port
+from llmmesh.launcher import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,7 @@ EOS = 2
 
 @pytest.fixture(scope="module")
 def triton() -> Iterator[TritonServer]:
-    server = TritonServer(free_port(), free_port(), free_port(), models=("instrument",))
+    server = TritonServer(*free_ports(3), models=("instrument",))
     server.start()
     try:
         server.wait_ready()

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.common.model_assets import ModelAssets
 from llmmesh.common.registry import registry_file
-from llmmesh.launcher import Mesh, free_port
+from llmmesh.launcher import Mesh, free_port, free_ports
 from llmmesh.stages.v1 import preprocess_pb2, preprocess_pb2_grpc
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
@@ -166,7 +166,7 @@ def _generate_calls(metrics_url: str) -> dict[str, float]:
 def test_a_deterministic_triton_error_is_one_triton_request_per_client_request(mesh: Mesh, tmp_path: Path) -> None:
     """infer routed to a model Triton does not serve: FAILED_PRECONDITION to the client, and the gateway
     calls infer (one Triton request each) exactly once per client request: no retry."""
-    infer_port, infer_metrics, gateway_port = free_port(), free_port(), free_port()
+    infer_port, infer_metrics, gateway_port = free_ports(3)
     mesh.start_service(
         "infer",
         "infer-unrouted",
