@@ -144,6 +144,9 @@ def build_server(
         # Accept the clients' 30 s keepalive pings on idle connections (the default minimum is 5 minutes,
         # past which the server answers GOAWAY "too_many_pings" and streams on that connection fail).
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # A port is this process's alone: with grpc's default SO_REUSEPORT a second server (another mesh, a
+        # stage given a port in use) would bind it too and the kernel would split connections between them.
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(interceptors=[*server_interceptors(), StatusInterceptor(), *interceptors], options=options)
     add_servicers(server)
@@ -155,9 +158,14 @@ def build_server(
     )
     credentials = server_credentials(settings, require_client_auth, client_ca_file)
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:
+        port = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError:  # grpc's "Failed to bind", e.g. the port is in use
+        port = 0
     if port == 0:
-        raise OSError(f"{name}: cannot bind {settings.host}:{settings.port}")
+        raise OSError(f"{name}: cannot bind {settings.host}:{settings.port} (in use?)")
     return Service(name=name, server=server, port=port, health=servicer, service_names=names)
 
 
