@@ -4,6 +4,9 @@ Triton's dynamic batcher hands `execute` several requests at once; the python ba
 them, so this model does: it scores the texts of all requests in one call of the scikit-learn model
 (a batch of 1,000 costs about as much as three single calls) and splits the probabilities back.
 
+Scoring goes through `scorer.Scorer` (the same probabilities without scikit-learn's ~10 ms of per-call
+validation) when it fits the installed package, else through the package's `predict_prob`.
+
 Threads: the native libraries under numpy and scikit-learn (OpenBLAS, OpenMP) size their thread pools
 by the host's cores. Scoring (a sparse vectorizer and a linear model) gains nothing from them, and on a
 large host any call that used them would spread over every core: they are limited to `n_threads`
@@ -24,6 +27,24 @@ def _texts(request: Any) -> list[str]:
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
 
 
+def _fast_or(predict_prob: Any) -> Any:
+    """`scorer.Scorer` (the same probabilities, ~7x faster per call) when it fits the installed package and
+    agrees with `predict_prob` on a few texts; else `predict_prob` itself."""
+    try:
+        from profanity_check import profanity_check as package
+
+        from . import scorer
+
+        fast = scorer.Scorer(package.vectorizer, package.model)
+        probe = ["The capital of France is Paris.", "You are a stupid idiot.", "", "Merci !"]
+        if np.allclose(fast(probe), predict_prob(probe), rtol=0, atol=1e-9):
+            return fast
+        pb_utils.Logger.log_warn("safety_classifier: the fast scorer disagrees with predict_prob; not used")
+    except (ImportError, ValueError, AttributeError) as exc:
+        pb_utils.Logger.log_warn(f"safety_classifier: the fast scorer does not fit ({exc!r}); predict_prob used")
+    return predict_prob
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         # Imported here so that a missing package fails the model load with a clear error, not the stub.
@@ -37,6 +58,7 @@ class TritonPythonModel:
 
         self._predict = predict_prob
         self._predict(["warm up"])  # the first call builds the vectorizer's caches
+        self._predict = _fast_or(predict_prob)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         batches: list[list[str] | pb_utils.TritonError] = []

@@ -1,0 +1,49 @@
+"""triton_models/safety_classifier/1/scorer.py: the classifier's probabilities without scikit-learn's per-call
+overhead must be alt-profanity-check's own, text for text (loaded from its file, as Triton loads it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from profanity_check import predict_prob
+from profanity_check import profanity_check as package
+
+from llmmesh.infer.triton_server import repository_root
+
+LABELLED = Path(__file__).resolve().parents[3] / "loadtest" / "prompts" / "safety_labelled.jsonl"
+
+
+def _load() -> ModuleType:
+    path = repository_root() / "safety_classifier" / "1" / "scorer.py"
+    spec = importlib.util.spec_from_file_location("safety_classifier_scorer", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCORER = _load().Scorer(package.vectorizer, package.model)
+
+
+def test_the_labelled_set_scores_exactly_as_the_package_scores_it() -> None:
+    texts = [json.loads(line)["text"] for line in LABELLED.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts += ["", "Merci !", "You are a stupid idiot.", "Kill the process with SIGTERM."]
+    assert np.allclose(SCORER(texts), predict_prob(texts), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=200), min_size=1, max_size=8))
+def test_any_text_scores_as_the_package_scores_it(texts: list[str]) -> None:
+    assert np.allclose(SCORER(texts), predict_prob(texts), rtol=0, atol=1e-12)
+
+
+def test_another_kind_of_model_is_refused() -> None:
+    with pytest.raises(ValueError):
+        _load().Scorer(package.vectorizer, object())
