@@ -239,13 +239,20 @@ def _mesh(args: argparse.Namespace, log_dir: Path) -> Iterator[_Endpoints]:
         yield _Endpoints(args.address, args.triton_metrics, args.triton_grpc, f"{args.address} (started elsewhere)")
         return
     # Dedup off: the rounds repeat greedy prompts, and replays from the result cache would not measure speech.
-    mesh = Mesh(ports=MeshPorts.free(), log_dir=log_dir, env={"LLMMESH_INFER_DEDUP": "false"})
+    mesh = Mesh(
+        ports=MeshPorts.free(),
+        log_dir=log_dir,
+        env={"LLMMESH_INFER_DEDUP": "false"},
+        in_gateway=tuple(args.in_gateway),
+    )
     mesh.start()
     try:
         assert mesh.triton is not None
         classifier = "on" if "safety_classifier" in mesh.served_triton_models else "off"
+        inside = f" ({', '.join(mesh.in_gateway)} in the gateway)" if mesh.in_gateway else ""
         described = (
-            f"started here: Triton ({', '.join(mesh.served_triton_models)}) + 4 services, classifier {classifier}"
+            f"started here: Triton ({', '.join(mesh.served_triton_models)}) + {', '.join(mesh.services)}{inside}, "
+            f"classifier {classifier}"
         )
         yield _Endpoints(mesh.address("gateway"), mesh.triton.metrics_url, mesh.triton.grpc_url, described)
     finally:
@@ -532,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64, dest="max_tokens")
     parser.add_argument("--barge-in-after-ms", type=float, default=100.0, help="barge in this long after first audio")
     parser.add_argument("--barge-in-max-tokens", type=int, default=256, help="max tokens of a barge-in session")
+    parser.add_argument(
+        "--in-gateway",
+        nargs="*",
+        default=[],
+        choices=["preprocess", "postprocess"],
+        help="stages run in the gateway's process (the mesh started here)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not args.address and (args.triton_metrics or args.triton_grpc):
