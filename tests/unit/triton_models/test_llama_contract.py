@@ -16,16 +16,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmmesh.common.registry import packaged_gguf_path
-from llmmesh.infer.triton_server import repository_root
+
+from .conftest import load_model_module
 
 
 def _load() -> ModuleType:
-    path = repository_root() / "smollm2" / "1" / "llama_contract.py"
-    spec = importlib.util.spec_from_file_location("smollm2_llama_contract", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_model_module("smollm2", "llama_contract")
 
 
 contract = _load()

@@ -3,7 +3,6 @@ overhead must be alt-profanity-check's own, text for text (loaded from its file,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -15,18 +14,13 @@ from hypothesis import strategies as st
 from profanity_check import predict_prob
 from profanity_check import profanity_check as package
 
-from llmmesh.infer.triton_server import repository_root
+from .conftest import load_model_module
 
 LABELLED = Path(__file__).resolve().parents[3] / "loadtest" / "prompts" / "safety_labelled.jsonl"
 
 
 def _load() -> ModuleType:
-    path = repository_root() / "safety_classifier" / "1" / "scorer.py"
-    spec = importlib.util.spec_from_file_location("safety_classifier_scorer", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_model_module("safety_classifier", "scorer")
 
 
 SCORER = _load().Scorer(package.vectorizer, package.model)
