@@ -12,7 +12,7 @@ from loadtest.model_counters import (
     pair_by_order,
     parse_model_counters,
 )
-from loadtest.voice_bench import tokens_through_first_speakable
+from loadtest.voice_bench import paired_over_ms, tokens_through_first_speakable
 
 _TRITON_PAGE = """\
 # HELP nv_inference_request_success Number of successful inference requests
@@ -122,3 +122,11 @@ def test_no_speakable_text_or_other_text_gives_no_count() -> None:
     assert tokens_through_first_speakable([_chunk("", (0, 1))], token_bytes) is None
     assert tokens_through_first_speakable([_chunk("[email],", (0, 1))], token_bytes) is None
     assert tokens_through_first_speakable([_chunk("Hello, you", (0, 1))], token_bytes) is None
+
+
+def test_the_paired_difference_is_the_median_of_each_answer_against_its_own_floor() -> None:
+    """Each answer minus its own floor, median, in ms; under the floor is negative; nothing paired: None."""
+    pairs = [(0.150, 0.140), (0.120, 0.130), (0.200, 0.170)]
+    assert paired_over_ms(pairs) == 10.0
+    assert paired_over_ms([(0.100, 0.125)]) == -25.0
+    assert paired_over_ms([]) is None
