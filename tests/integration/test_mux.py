@@ -238,3 +238,32 @@ def test_error_statuses_map_back_to_the_domain_errors() -> None:
     assert isinstance(error_of(streams_pb2.StreamStatus(code=4, message="x")), DeadlineExceeded)
     other = error_of(streams_pb2.StreamStatus(code=3, message="field: bad"))
     assert other.code == grpc.StatusCode.INVALID_ARGUMENT and str(other) == "field: bad"
+
+
+async def test_a_request_cancelled_before_its_task_runs_is_counted_and_does_not_hold_the_call_open() -> None:
+    """A stream whose open and cancel reach the stage in one frame: the stage starts the request's task and
+    cancels it before it ever ran, so none of the task's own code runs. Its bookkeeping must still end: the
+    request is counted CANCELLED, and the call ends once the gateway ends its side (the call was kept open
+    forever before, one more each time a call with such a request was retired)."""
+    async with stage() as (_, _, port), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        mux = RemoteInfer(channel, calls=1)._mux
+        mux.alone = lambda op: False  # as postprocess's first ops: an open shares a frame with what follows
+        cancelled_before = RPCS.labels(METHOD, "CANCELLED")._value.get()
+        warm = mux.open(5.0)
+        warm.send(infer_pb2.InferStreamOp(open=infer_pb2.InferRequest(request_id="ok-1")))
+        assert await _until_end(warm) == (2, 0)
+        conn = warm._conn
+        stream = mux.open(5.0)
+        stream.send(infer_pb2.InferStreamOp(open=infer_pb2.InferRequest(request_id="hang-9")))
+        stream.close()  # the open and the cancel leave in one frame
+        for _ in range(100):
+            if RPCS.labels(METHOD, "CANCELLED")._value.get() > cancelled_before:
+                break
+            await asyncio.sleep(0.02)
+        assert RPCS.labels(METHOD, "CANCELLED")._value.get() - cancelled_before == 1
+        conn.retire()  # no stream left: the gateway ends its side, the stage then ends the call
+        for _ in range(100):
+            if not conn.alive:
+                break
+            await asyncio.sleep(0.02)
+        assert not conn.alive, "the stage kept the call open"

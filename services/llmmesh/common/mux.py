@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from collections import deque
@@ -438,7 +439,7 @@ class MuxServer:
         writer = _Writer(frame, lambda item: False, self.stage, "from_stage")
         frames_in = STREAM_FRAMES.labels(self.stage, "to_stage")
         items_in = STREAM_FRAME_ITEMS.labels(self.stage, "to_stage")
-        tasks: dict[int, asyncio.Task[None]] = {}
+        tasks: dict[int, asyncio.Task[str]] = {}
         inboxes: dict[int, Inbox] = {}
         highest = 0
         gauge = INFLIGHT_STREAMS.labels(method)
@@ -449,10 +450,11 @@ class MuxServer:
             if not tasks and not writer.closed and (self.draining or reading.done()):
                 writer.close()
 
-        async def run(stream: int, op: Any, inbox: Inbox) -> None:
+        async def run(stream: int, op: Any, inbox: Inbox) -> str:
+            """The request's status code name; its bookkeeping is `ran`'s, which also runs for a task
+            cancelled before its first step (none of this code runs then, `finally` included)."""
             header = op.header
             timeout = _header_timeout(header)
-            code = "OK"
             gauge.inc()
             try:
                 with self._span(method, header):
@@ -463,19 +465,24 @@ class MuxServer:
                         async with asyncio.timeout(timeout), contextlib.aclosing(responses):
                             async for response in responses:
                                 writer.put(event(stream=stream, response=response))
-                    except asyncio.CancelledError:
-                        code = "CANCELLED"
-                        raise
                     except Exception as exc:
                         status = self._status(method, exc)
-                        code = _CODES[status.code].name
                     writer.put(event(stream=stream, end=status))
+                    return _CODES[status.code].name
             finally:
-                RPCS.labels(method, code).inc()
                 gauge.dec()
-                tasks.pop(stream, None)
-                inboxes.pop(stream, None)
-                finished()
+
+        def ran(stream: int, task: asyncio.Task[str]) -> None:
+            if task.cancelled():
+                code = "CANCELLED"
+            elif task.exception() is not None:
+                code = "INTERNAL"
+            else:
+                code = task.result()
+            RPCS.labels(method, code).inc()
+            tasks.pop(stream, None)
+            inboxes.pop(stream, None)
+            finished()
 
         def start(stream: int, op: Any, inbox: Inbox) -> None:
             if self.draining:
@@ -486,7 +493,8 @@ class MuxServer:
                 writer.put(event(stream=stream, end=status))
                 return
             inboxes[stream] = inbox
-            tasks[stream] = asyncio.create_task(run(stream, op, inbox))
+            task = tasks[stream] = asyncio.create_task(run(stream, op, inbox))
+            task.add_done_callback(functools.partial(ran, stream))
 
         async def read() -> None:
             nonlocal highest
