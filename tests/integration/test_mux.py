@@ -51,10 +51,18 @@ class Scripted(infer_pb2_grpc.InferServiceServicer):
             handler=self._handle,
             event=infer_pb2.InferStreamEvent,
             frame=lambda events: infer_pb2.InferStreamEvents(events=events),
+            kind=self._kind,
         ):
             self.frames += 1
             self.events += len(frame.events)
             yield frame
+
+    @staticmethod
+    def _kind(op: infer_pb2.InferStreamOp) -> str:
+        """Reading an op fails for request_id "poison" (as a stage's own op parsing could)."""
+        if op.open.request_id == "poison":
+            raise ValueError("cannot read this op")
+        return op.WhichOneof("kind") or "none"
 
     async def _handle(
         self, op: infer_pb2.InferStreamOp, inbox: Inbox, timeout: float | None
@@ -267,3 +275,19 @@ async def test_a_request_cancelled_before_its_task_runs_is_counted_and_does_not_
                 break
             await asyncio.sleep(0.02)
         assert not conn.alive, "the stage kept the call open"
+
+
+async def test_a_stage_that_cannot_read_its_ops_fails_the_call_at_once() -> None:
+    """If reading a call's ops fails, the requests on the call fail at once with the call's error (and it is
+    logged), rather than the call going deaf: its running requests went on, and every request sent on it
+    later waited for its deadline."""
+    async with stage() as (servicer, _, port), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = RemoteInfer(channel, calls=1)
+        running = asyncio.create_task(run(infer, "hang-7", timeout=30))
+        await asyncio.sleep(0.2)
+        poisoned = await asyncio.wait_for(run(infer, "poison", timeout=30), 5)
+        assert poisoned[1].startswith("INTERNAL"), poisoned
+        assert (await asyncio.wait_for(running, 5))[1].startswith("INTERNAL")
+        assert servicer.cancelled == ["hang-7"]
+        # The next request opens a new call and is served.
+        assert (await asyncio.wait_for(run(infer, "ok-2"), 5))[1] == "LENGTH"

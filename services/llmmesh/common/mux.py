@@ -523,13 +523,25 @@ class MuxServer:
                     elif what == "message":
                         inbox.push(message(op))
 
+        def read_ended(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                # The call cannot go on deaf (later requests on it would wait for their deadlines): its
+                # requests are cancelled and the call fails, failing them at the gateway at once.
+                log.error("stream_ops_unreadable", method=method, error=repr(task.exception()))
+                for request in tasks.values():
+                    request.cancel()
+                writer.close()
+            finished()
+
         reading = asyncio.create_task(read())
-        reading.add_done_callback(lambda _: finished())
+        reading.add_done_callback(read_ended)
         self._calls.add(finished)
         try:
             finished()  # already draining: end at once
             async for out in writer.frames():
                 yield out
+            if reading.done() and not reading.cancelled() and (failed := reading.exception()) is not None:
+                raise failed
         finally:
             self._calls.discard(finished)
             reading.cancel()
