@@ -41,3 +41,28 @@ def test_any_text_scores_as_the_package_scores_it(texts: list[str]) -> None:
 def test_another_kind_of_model_is_refused() -> None:
     with pytest.raises(ValueError):
         _load().Scorer(package.vectorizer, object())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"binary": True},
+        {"sublinear_tf": True, "norm": "l1"},
+        {"use_idf": False, "norm": None, "ngram_range": (1, 2)},
+        {"analyzer": "char_wb", "ngram_range": (2, 3), "lowercase": False},
+    ],
+)
+def test_the_features_are_the_vectorizers_own(options: dict[str, object]) -> None:
+    """The scorer's TF-IDF weights equal `TfidfVectorizer.transform`'s for the options it may meet."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    corpus = ["The cat sat on the mat.", "You stupid cat!", "Mats, cats and hats; the end.", "Idiot idiot idiot."]
+    vectorizer = TfidfVectorizer(**options).fit(corpus)  # type: ignore[arg-type]
+    features = _load()._Features(vectorizer)
+    for text in [*corpus, "", "cat cat CAT mat unknown", "Ünïcödé, the cat."]:
+        expected = vectorizer.transform([text]).toarray()[0]
+        got = np.zeros_like(expected)
+        indices, values = features(text)
+        got[indices] = values
+        assert np.allclose(got, expected, rtol=0, atol=1e-15), (options, text)
