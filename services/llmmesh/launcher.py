@@ -168,7 +168,7 @@ class Mesh:
                 "LLMMESH_INFER_TRITON_URL": f"{self.host}:{p.triton_grpc}",
                 "LLMMESH_POSTPROCESS_HOST": self.host,
                 "LLMMESH_POSTPROCESS_PORT": str(p.postprocess),
-                # For the other hop order (LLMMESH_GATEWAY_HOP_ORDER=postprocess): postprocess reads infer.
+                # Postprocess reads plain answers from infer itself (the gateway's default hop order).
                 "LLMMESH_POSTPROCESS_INFER_URL": self.address("infer"),
                 "LLMMESH_GATEWAY_HOST": self.host,
                 "LLMMESH_GATEWAY_PORT": str(p.gateway),

@@ -90,11 +90,14 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 f"ipv4:127.0.0.1:{ports.preprocess},127.0.0.1:{replica},127.0.0.1:{BROKEN['preprocess']}"
             ),
             "LLMMESH_GATEWAY_INFER_URL": f"ipv4:127.0.0.1:{ports.infer},127.0.0.1:{BROKEN['infer']}",
+            # Postprocess reads plain answers from infer itself (the default hop order): the same two replicas.
+            "LLMMESH_POSTPROCESS_INFER_URL": f"ipv4:127.0.0.1:{ports.infer},127.0.0.1:{BROKEN['infer']}",
             "LLMMESH_GATEWAY_POSTPROCESS_URL": f"ipv4:127.0.0.1:{ports.postprocess},127.0.0.1:{BROKEN['postprocess']}",
             **{f"LLMMESH_{name.upper()}_GRACE_SECONDS": "20" for name in SERVICES},
-            # The gateway's calls to infer and postprocess turn over every 2 s (default 30): the broken
-            # replicas added by a test get their share of calls within its requests.
+            # The gateway's calls to infer and postprocess, and postprocess's to infer, turn over every 2 s
+            # (default 30): the broken replicas added by a test get their share of calls within its requests.
             "LLMMESH_GATEWAY_STAGE_CALL_SECONDS": "2",
+            "LLMMESH_POSTPROCESS_STAGE_CALL_SECONDS": "2",
         },
         triton_models=("instrument",),
         model_repository=repo,
@@ -368,6 +371,7 @@ class _Broken(
         self, request_iterator: AsyncIterator[postprocess_pb2.ProcessStreamOps], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[postprocess_pb2.ProcessStreamEvents]:
         seen: Counter[int] = Counter()
+        closed = False
         async for frame in request_iterator:
             for op in frame.ops:
                 if op.HasField("message"):
@@ -375,7 +379,10 @@ class _Broken(
                         self.calls["Process"] += 1
                         self.seen.append(("Process", op.message.start.request_id))
                     seen[op.stream] += 1
-            if seen and max(seen.values()) >= 3:
+                closed = closed or op.HasField("close")
+            # After some tokens (the gateway relays them), or once a stream's input is complete (postprocess
+            # reads infer itself: Start is all it is sent).
+            if seen and (max(seen.values()) >= 3 or closed):
                 break
         await context.abort(grpc.StatusCode.UNAVAILABLE, "broken replica")
         yield postprocess_pb2.ProcessStreamEvents()
@@ -404,8 +411,13 @@ async def test_broken_replicas_are_retried_before_the_first_token(
         assert server.add_insecure_port(f"127.0.0.1:{port}") == port
         await server.start()
         servers.append(server)
-    log = fault_mesh.log_dir / "gateway.log"
-    retries_before = log.read_text().count('"stage_retry"')
+    logs = [fault_mesh.log_dir / f"{name}.log" for name in ("gateway", "postprocess")]
+
+    def retries() -> int:
+        # The gateway retries preprocess and postprocess; postprocess retries infer, which it reads itself.
+        return sum(log.read_text().count('"stage_retry"') for log in logs)
+
+    retries_before = retries()
     try:
         # The gateway's channels pick the new addresses up within their 1 s reconnect backoff.
         await asyncio.sleep(1.5)
@@ -415,7 +427,7 @@ async def test_broken_replicas_are_retried_before_the_first_token(
             results.extend(await _complete(stub, 1, max_tokens=24))
     finally:
         await asyncio.gather(*(server.stop(None) for server in servers))
-    retried = log.read_text().count('"stage_retry"') - retries_before
+    retried = retries() - retries_before
     _report("broken replicas", retries=retried, **{k: float(v) for k, v in broken.calls.items()})
     # Round robin sent first attempts of every stage to the broken replicas, and each was retried.
     assert all(calls >= 1 for calls in broken.calls.values()), broken.calls

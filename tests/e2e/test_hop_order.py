@@ -1,10 +1,11 @@
-"""The other hop order (LLMMESH_GATEWAY_HOP_ORDER=postprocess), end to end: postprocess reads each plain
-answer's token ids from infer itself, and the gateway relays only text.
+"""The other hop order (LLMMESH_GATEWAY_HOP_ORDER=gateway), end to end: the gateway reads each answer's token
+ids from infer and relays them to postprocess, instead of postprocess reading infer itself (the default,
+which every other e2e test exercises).
 
 A second gateway process runs beside the session mesh's with that setting, on the same preprocess,
-postprocess (which the launcher gives infer's address), infer and Triton. Its answers must be the default
-order's, with stop strings, the blocklist, usage, reuse and cancellation working the same way. Each
-generation is unique (max_tokens) so that it is a real one, not a dedup replay of another test's.
+postprocess, infer and Triton. Its answers must be the default order's, with stop strings, the blocklist,
+usage, reuse and cancellation working the same way. Each generation is unique (max_tokens) so that it is a
+real one, not a dedup replay of another test's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ KEY = "gateway-hop-order"
 
 
 @pytest.fixture(scope="module")
-def chained(mesh: Mesh) -> Iterator[Stub]:
+def relayed(mesh: Mesh) -> Iterator[Stub]:
     port = free_port()
     mesh.start_service(
         "gateway",
@@ -36,7 +37,7 @@ def chained(mesh: Mesh) -> Iterator[Stub]:
         {
             "LLMMESH_GATEWAY_PORT": str(port),
             "LLMMESH_GATEWAY_METRICS_PORT": str(free_port()),
-            "LLMMESH_GATEWAY_HOP_ORDER": "postprocess",
+            "LLMMESH_GATEWAY_HOP_ORDER": "gateway",
         },
     )
     try:
@@ -54,10 +55,10 @@ def chained(mesh: Mesh) -> Iterator[Stub]:
         assert mesh.stop_service(KEY) == 0, mesh.log_tail(KEY)
 
 
-def test_the_answer_is_the_default_orders(chained: Stub, gateway: Stub, mesh: Mesh) -> None:
+def test_the_answer_is_the_default_orders(relayed: Stub, gateway: Stub, mesh: Mesh) -> None:
     before = settled_counters(mesh)
     req = request("What is the capital of France?", temperature=0.0, max_tokens=27)
-    text, ids, final = collect(chained, req)  # first: a real generation, read by postprocess from infer
+    text, ids, final = collect(relayed, req)  # first: a real generation, relayed by the gateway
     assert final.reuse == generation_pb2.REUSE_NONE
     assert "Paris" in text and final.usage.completion_tokens == len(ids) > 0
     assert final.usage.prompt_tokens > 0 and final.timings.time_to_first_token_ms > 0
@@ -67,22 +68,22 @@ def test_the_answer_is_the_default_orders(chained: Stub, gateway: Stub, mesh: Me
     assert (again_text, again_ids, again.finish_reason) == (text, ids, final.finish_reason)
 
 
-def test_a_stop_string_ends_the_answer_and_the_generation(chained: Stub) -> None:
+def test_a_stop_string_ends_the_answer_and_the_generation(relayed: Stub) -> None:
     text, _, final = collect(
-        chained, request("What is the capital of France?", temperature=0.0, max_tokens=31, stop=["Paris"])
+        relayed, request("What is the capital of France?", temperature=0.0, max_tokens=31, stop=["Paris"])
     )
     assert (final.finish_reason, final.matched_stop) == (generation_pb2.FINISH_REASON_STOP_STRING, "Paris")
     assert "capital" in text and "Paris" not in text
 
 
-def test_a_blocked_word_ends_the_answer_with_content_filter(chained: Stub) -> None:
-    text, _, final = collect(chained, request("What is the capital of Germany?", temperature=0.0, max_tokens=49))
+def test_a_blocked_word_ends_the_answer_with_content_filter(relayed: Stub) -> None:
+    text, _, final = collect(relayed, request("What is the capital of Germany?", temperature=0.0, max_tokens=49))
     assert (final.finish_reason, final.filter_category) == (generation_pb2.FINISH_REASON_CONTENT_FILTER, "custom")
     assert BLOCKED_WORD not in text and "Ber" not in text
 
 
-def test_a_client_cancel_stops_the_model(chained: Stub, mesh: Mesh) -> None:
+def test_a_client_cancel_stops_the_model(relayed: Stub, mesh: Mesh) -> None:
     before = settled_counters(mesh)
-    received = read_then_cancel(chained, max_tokens=397)
+    received = read_then_cancel(relayed, max_tokens=397)
     assert wait_for(lambda: model_counters(mesh)["cancelled"] >= before["cancelled"] + 1), "the model saw no cancel"
     assert model_counters(mesh)["tokens"] - before["tokens"] - received < 100

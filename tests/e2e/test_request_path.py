@@ -183,6 +183,9 @@ def test_a_deterministic_triton_error_is_one_triton_request_per_client_request(m
             "LLMMESH_GATEWAY_PORT": str(gateway_port),
             "LLMMESH_GATEWAY_METRICS_PORT": str(free_port()),
             "LLMMESH_GATEWAY_INFER_URL": f"127.0.0.1:{infer_port}",
+            # The gateway reads infer itself (in the default hop order the session's postprocess would read
+            # the session's infer, not this one).
+            "LLMMESH_GATEWAY_HOP_ORDER": "gateway",
         },
     )
     try:

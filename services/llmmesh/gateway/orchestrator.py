@@ -276,7 +276,7 @@ class Orchestrator:
         stages: Stages,
         sharing_scope: str = "global",
         router: Router | None = None,
-        hop_order: str = "gateway",
+        hop_order: str = "postprocess",
     ) -> None:
         """Without a `router` a request's model goes to preprocess as it is (no routes, no prices).
         `hop_order` "postprocess": a remote postprocess reads a plain answer's tokens from infer itself

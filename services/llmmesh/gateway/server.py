@@ -56,9 +56,11 @@ class GatewaySettings(ServiceSettings):
     # this many calls per stage, each taking new requests for `stage_call_seconds` before a new call (over
     # the round-robin channel: maybe to another replica) takes its place.
     stage_calls: int = Field(default=2, ge=1)
-    # Who reads infer's token ids: "gateway" (it relays them to postprocess) or "postprocess" (a remote
-    # postprocess reads plain answers from infer itself, with its LLMMESH_POSTPROCESS_INFER_URL).
-    hop_order: Literal["gateway", "postprocess"] = "gateway"
+    # Who reads infer's token ids: "postprocess" (a remote postprocess reads plain answers from infer itself,
+    # with its LLMMESH_POSTPROCESS_INFER_URL: token ids cross the gateway not at all, text once) or "gateway"
+    # (it relays infer's ids to postprocess). Cascades and fallbacks with a first-token timeout, and a
+    # postprocess in this process, always take the gateway's order.
+    hop_order: Literal["gateway", "postprocess"] = "postprocess"
     stage_call_seconds: float = Field(default=30.0, gt=0)
 
     # Admission control (admission.py): generations in flight, requests waiting for a slot (interactive

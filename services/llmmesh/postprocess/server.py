@@ -56,9 +56,13 @@ class PostprocessSettings(ServiceSettings):
     triton_header: SecretStr = SecretStr("")
     # How often the classifier's readiness is checked for the health status (with `triton_url`).
     health_interval_seconds: float = Field(default=1.0, gt=0)
-    # Infer's address, for the other hop order (the gateway's LLMMESH_GATEWAY_HOP_ORDER=postprocess): this
-    # stage then reads each generation from infer itself. Empty = only the default order.
-    infer_url: str = ""
+    # Infer's address: with the gateway's hop order "postprocess" (its default) this stage reads each plain
+    # answer's tokens from infer itself. Empty = it cannot (the gateway must use LLMMESH_GATEWAY_HOP_ORDER=gateway).
+    infer_url: str = "127.0.0.1:50053"
+    # Its requests to infer go as streams on this many long-lived calls, each taking new requests for
+    # `stage_call_seconds` (over a round-robin channel a new call may go to another replica): as the gateway's.
+    stage_calls: int = Field(default=2, ge=1)
+    stage_call_seconds: float = Field(default=30.0, gt=0)
 
 
 class StreamSafety:
@@ -153,7 +157,7 @@ async def create_server(settings: PostprocessSettings) -> Service:
         from llmmesh.gateway.stages import RemoteInfer
 
         infer_channel = channel(settings.infer_url, settings)
-        servicer.infer = RemoteInfer(infer_channel)
+        servicer.infer = RemoteInfer(infer_channel, settings.stage_calls, settings.stage_call_seconds)
     name = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name
     service = build_server(
         "postprocess",
