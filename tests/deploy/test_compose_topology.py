@@ -458,6 +458,11 @@ def test_the_classifier_checks_prompts_and_responses(topology: Any, gateway: Any
     before = _classifier_requests(topology.triton, model)
     text, _, _ = _generate(gateway, f"What is the capital of France? ({uuid.uuid4().hex[:6]})", max_tokens=24)
     assert text
+    # Triton counts a request once its execute() has returned, which may be after its response reached the
+    # caller (the answer's last check, then its final message): the count is waited for, briefly.
+    deadline = time.monotonic() + 5
+    while _classifier_requests(topology.triton, model) - before < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _classifier_requests(topology.triton, model) - before >= 2
 
 

@@ -118,6 +118,12 @@ class ProcessTree:
         with self._lock:
             return sum(needle in cmd for cmd in self.commands.values())
 
+    def count_program(self, name: str) -> int:
+        """How many processes seen running, alive or not, run the program `name` (their argv[0]'s file name):
+        not the `sh -c` that Triton starts a backend stub with, whose command line may name tritonserver."""
+        with self._lock:
+            return sum(cmd.split(" ", 1)[0].rsplit("/", 1)[-1] == name for cmd in self.commands.values())
+
     def shm_left(self) -> list[str]:
         with self._lock:
             return sorted(p.removesuffix(" (deleted)") for p in self.shm if Path(p.removesuffix(" (deleted)")).exists())
@@ -239,7 +245,7 @@ def test_sigint_or_sigterm_at_random_moments_always_stops_everything(tmp_path: P
                 codes = ast.literal_eval(text.split("stopped: ", 1)[1].splitlines()[0])
                 assert all(codes[name] == 0 for name in SERVICES), f"{where}: unclean exits {codes}"
             if phase != "start":
-                assert tree.count("tritonserver") == 1 and tree.count("-m llmmesh.gateway ") == 1, tree.commands
+                assert tree.count_program("tritonserver") == 1 and tree.count("-m llmmesh.gateway ") == 1, tree.commands
             assert not tree.alive(), f"{where}: left running: {tree.alive()}"
             assert not tree.shm_left(), f"{where}: shared memory left: {tree.shm_left()}"
 
@@ -257,7 +263,7 @@ def test_sigkill_of_the_launcher_takes_its_children_and_the_next_up_reuses_the_p
         assert output.wait_for("serving; Ctrl-C", START_BOUND_S), output.text
         stubs = lambda: sum("triton_python_backend_stub" in cmd for cmd in tree.alive().values())  # noqa: E731
         assert wait_for(lambda: stubs() == 3, 5), tree.alive()  # smollm2, gemma3 and the classifier
-        assert tree.count("tritonserver") == 1 and tree.shm, (tree.commands, tree.shm)
+        assert tree.count_program("tritonserver") == 1 and tree.shm, (tree.commands, tree.shm)
         assert tree.count("-m llmmesh.infer.triton_server --watchdog") == 1, tree.commands
         for service in SERVICES:
             assert tree.count(f"-m llmmesh.{service} ") == 1, tree.commands
