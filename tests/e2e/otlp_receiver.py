@@ -25,6 +25,8 @@ class Span:
     parent_id: str
     attributes: dict[str, Any] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    start_ns: int = 0
+    end_ns: int = 0
 
 
 def _any_value(v: Any) -> Any:
@@ -97,6 +99,8 @@ class OtlpReceiver:
                                 s.parent_span_id.hex(),
                                 {a.key: _any_value(a.value) for a in s.attributes},
                                 [e.name for e in s.events],
+                                s.start_time_unix_nano,
+                                s.end_time_unix_nano,
                             )
                         )
 
@@ -116,6 +120,8 @@ class OtlpReceiver:
                                 _json_id(s.get("parentSpanId", "")),
                                 {a["key"]: _any_value(a["value"]) for a in s.get("attributes", [])},
                                 [e.get("name", "") for e in s.get("events", [])],
+                                int(s.get("startTimeUnixNano", 0)),
+                                int(s.get("endTimeUnixNano", 0)),
                             )
                         )
 
