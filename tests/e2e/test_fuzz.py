@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -340,9 +342,15 @@ def test_a_stop_string_before_any_text_never_hangs(fuzz_mesh: Mesh) -> None:
     outcomes = Counter(outcome for outcome, _ in results)
     # On a failure, what the statuses said and what the services logged last.
     said = Counter(f"{outcome}: {detail}" for outcome, detail in results if outcome != "OK")
-    logs = "\n".join(
-        f"--- {name}:\n{fuzz_mesh.log_tail(name, 15)}" for name in ("gateway", "postprocess", "infer", "triton")
-    )
-    assert not waiting and outcomes == Counter({"OK": 400}), (
-        f"{len(waiting)} still waiting after 200 s; {said.most_common(5)}\n{logs}"
-    )
+    if waiting or outcomes != Counter({"OK": 400}):
+        # A stage that crashed or hung explains a burst of UNAVAILABLE or a stall: whether each process still
+        # runs, and what each one that runs is doing (SIGUSR1: every thread's stack into its log).
+        running = {name: proc.poll() for name, proc in fuzz_mesh.procs.items()}
+        for proc in fuzz_mesh.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        logs = f"exit codes (None = running): {running}\n" + "\n".join(
+            f"--- {name}:\n{fuzz_mesh.log_tail(name, 60)}" for name in ("gateway", "postprocess", "infer", "triton")
+        )
+        pytest.fail(f"{len(waiting)} still waiting after 200 s; {said.most_common(5)}\n{logs}")

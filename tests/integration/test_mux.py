@@ -291,3 +291,28 @@ async def test_a_stage_that_cannot_read_its_ops_fails_the_call_at_once() -> None
         assert servicer.cancelled == ["hang-7"]
         # The next request opens a new call and is served.
         assert (await asyncio.wait_for(run(infer, "ok-2"), 5))[1] == "LENGTH"
+
+
+async def test_a_request_waits_for_a_stage_that_is_coming_back() -> None:
+    """Found by the drain fault test in CI: right after infer restarted, postprocess's channel to it was
+    still in reconnect backoff and every request failed UNAVAILABLE at once (the gateway waits up to its
+    connect timeout for a stage's channel; postprocess, reading infer itself, did not). A request now waits
+    for the channel up to `connect_timeout`."""
+    from llmmesh.launcher import free_port
+
+    port = free_port()
+    options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        infer = RemoteInfer(channel, calls=1, connect_timeout=5.0)
+        with pytest.raises(LlmmeshError):  # nothing there yet: the connect timeout, not a hang
+            await run_raising(RemoteInfer(channel, calls=1, connect_timeout=0.3), "ok-1")
+        async with stage(port):
+            assert await asyncio.wait_for(run(infer, "ok-2"), 10) == (
+                [hash("ok-2") % 1000, 0, hash("ok-2") % 1000, 1],
+                "LENGTH",
+            )
+
+
+async def run_raising(infer: RemoteInfer, rid: str) -> None:
+    async for _ in infer.generate(infer_pb2.InferRequest(request_id=rid), 5.0):
+        pass

@@ -9,6 +9,7 @@ grace period.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -210,6 +211,12 @@ async def _serve(name: str, settings: ServiceSettings, create: Callable[[], Awai
 
 
 def run_service(name: str, settings: ServiceSettings, create: Callable[[], Awaitable[Service]]) -> None:
-    """Entry point body: logging, then the server on a uvloop event loop until SIGTERM or SIGINT."""
+    """Entry point body: logging, then the server on a uvloop event loop until SIGTERM or SIGINT.
+
+    A crash in native code (SIGSEGV, SIGABRT...) writes every thread's Python stack to stderr (the service's
+    log) before the process dies, and SIGUSR1 writes them without stopping anything: what a hung service is
+    doing (`kill -USR1 <pid>`)."""
     configure_logging(name, settings.log_level)
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     uvloop.run(_serve(name, settings, create))

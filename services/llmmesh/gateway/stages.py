@@ -13,6 +13,7 @@ and message, a stage that cannot be reached or is lost mid-stream is `Unavailabl
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -117,7 +118,17 @@ def _coalesced(responses: list[postprocess_pb2.ProcessResponse]) -> list[postpro
 class RemoteInfer:
     """Generations on a few long-lived `GenerateStreams` calls (llmmesh.common.mux), one stream each."""
 
-    def __init__(self, channel: grpc.aio.Channel, calls: int = 2, call_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        calls: int = 2,
+        call_seconds: float = 30.0,
+        connect_timeout: float | None = None,
+    ) -> None:
+        """With `connect_timeout`, a generation first waits that long at most for the channel to connect (a
+        restarted infer, a channel in reconnect backoff), as the gateway's `Stages.connected` does for it."""
+        self._channel = channel
+        self._connect_timeout = connect_timeout
         self._stub = infer_pb2_grpc.InferServiceStub(channel)
         self._mux = MuxClient(
             "infer",
@@ -132,6 +143,11 @@ class RemoteInfer:
     async def generate(
         self, request: infer_pb2.InferRequest, timeout: float | None = None
     ) -> AsyncGenerator[infer_pb2.InferResponse, None]:
+        if self._connect_timeout is not None:
+            started = time.monotonic()
+            await wait_connected("infer", self._channel, timeout, self._connect_timeout)
+            if timeout is not None:
+                timeout -= time.monotonic() - started
         with client_trace(_GENERATE) as carrier:
             stream = self._mux.open(timeout)
             stream.send(infer_pb2.InferStreamOp(open=request, header=_header(timeout, carrier)))
@@ -253,12 +269,19 @@ class Stages:
     async def connected(self, remaining: float | None) -> None:
         """Waits until every remote stage's channel is connected, at most `connect_timeout`; else UNAVAILABLE."""
         for name, ch in self.channels.items():
-            if ch.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
-                continue
-            timeout = self.connect_timeout if remaining is None else min(remaining, self.connect_timeout)
-            try:
-                await asyncio.wait_for(ch.channel_ready(), timeout)
-            except TimeoutError:
-                if remaining is not None and remaining <= self.connect_timeout:
-                    raise DeadlineExceeded("deadline exceeded") from None
-                raise Unavailable(f"{name} stage is unreachable") from None
+            await wait_connected(name, ch, remaining, self.connect_timeout)
+
+
+async def wait_connected(name: str, ch: grpc.aio.Channel, remaining: float | None, connect_timeout: float) -> None:
+    """Returns once stage `name`'s channel is connected: at once when it is, else after waiting at most
+    `connect_timeout` (and the `remaining` time of the request); then UNAVAILABLE (DEADLINE_EXCEEDED when the
+    request's own time ran out first)."""
+    if ch.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+        return
+    timeout = connect_timeout if remaining is None else min(remaining, connect_timeout)
+    try:
+        await asyncio.wait_for(ch.channel_ready(), timeout)
+    except TimeoutError:
+        if remaining is not None and remaining <= connect_timeout:
+            raise DeadlineExceeded("deadline exceeded") from None
+        raise Unavailable(f"{name} stage is unreachable") from None

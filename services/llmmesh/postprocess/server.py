@@ -63,6 +63,9 @@ class PostprocessSettings(ServiceSettings):
     # `stage_call_seconds` (over a round-robin channel a new call may go to another replica): as the gateway's.
     stage_calls: int = Field(default=2, ge=1)
     stage_call_seconds: float = Field(default=30.0, gt=0)
+    # A request waits at most this long for infer's channel to connect (a restarted infer, a channel in
+    # reconnect backoff) before failing with UNAVAILABLE: as the gateway's.
+    stage_connect_timeout_seconds: float = Field(default=2.0, gt=0)
 
 
 class StreamSafety:
@@ -157,7 +160,9 @@ async def create_server(settings: PostprocessSettings) -> Service:
         from llmmesh.gateway.stages import RemoteInfer
 
         infer_channel = channel(settings.infer_url, settings)
-        servicer.infer = RemoteInfer(infer_channel, settings.stage_calls, settings.stage_call_seconds)
+        servicer.infer = RemoteInfer(
+            infer_channel, settings.stage_calls, settings.stage_call_seconds, settings.stage_connect_timeout_seconds
+        )
     name = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name
     service = build_server(
         "postprocess",
