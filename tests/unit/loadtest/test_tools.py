@@ -160,3 +160,43 @@ def test_report_puts_chunk_gaps_and_tokens_per_chunk_beside_itl() -> None:
         "mesh": ["9.960", "0.050", "60.100", "2.44", "7"],
     }
     assert "chunk gap p99" in table
+
+
+def test_cpu_floor_sets_the_bare_reader_beside_half_of_triton_and_stub(tmp_path: Path) -> None:
+    from loadtest.cpu_floor import rows
+
+    def level(target: str, concurrency: int, cpu: dict[str, float]) -> dict[str, object]:
+        return {"target": target, "concurrency": concurrency, "cpu_s_per_1k_tokens": cpu}
+
+    services = {"gateway": 0.1, "preprocess": 0.01, "infer": 0.2, "postprocess": 0.15}
+    run = {
+        "config": {"pii_redaction": "on"},
+        "levels": [
+            level("direct", 64, {"loadgen": 0.18, "triton": 0.2, "triton_stub": 0.1}),
+            level("mesh", 64, {**services, "triton": 0.18, "triton_stub": 0.12, "loadgen": 0.09}),
+            level("mesh", 8, {**services, "triton": 0.3, "triton_stub": 0.2}),  # no direct at c=8: left out
+        ],
+    }
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    (row,) = rows(path)
+    assert row["concurrency"] == 64
+    assert row["allowance"] == pytest.approx(0.15)  # half of the mesh run's triton + stub
+    assert row["bare_reader"] == 0.18
+    assert row["services"] == pytest.approx(0.46)
+    assert row["bare_reader_over_allowance"] == pytest.approx(1.2)
+    assert row["infer_over_bare_reader"] == pytest.approx(1.11)
+    (tmp_path / "other.json").write_text(json.dumps({"command": "not a run"}))
+    assert rows(tmp_path / "other.json") == []
+
+
+def test_hop_floor_chain_forwards_every_call_to_the_origin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loadtest import hop_floor
+
+    monkeypatch.setattr(hop_floor, "RESULTS", tmp_path / "hop_floor.json")
+    hop_floor.main(["--rounds", "4"])
+    result = json.loads((tmp_path / "hop_floor.json").read_text())
+    for mode in ("a call per request", "a message on an open call"):
+        times = result[mode]["first_response_ms"]
+        assert set(times) == {f"{n} relays" for n in hop_floor.RELAYS}
+        assert all(t["p50"] > 0 for t in times.values())
