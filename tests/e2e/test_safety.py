@@ -97,6 +97,23 @@ def test_a_blocked_prompt_is_answered_without_generating(mesh: Mesh) -> None:
     assert model_counters(mesh) == before
 
 
+def test_a_prompt_the_classifier_blocks_starts_the_model_but_nothing_is_released(forced_mesh: Mesh) -> None:
+    """The shipped policy scores prompts alongside the model's start: an insult the blocklist does not
+    know is scored by the real classifier while the model already streams; the answer is CONTENT_FILTER
+    with no text, and the model's request is cancelled before its answer's end."""
+    answer_tokens = len(load_model_assets().encode(FORCED))
+    before = settled_counters(forced_mesh)
+    text, final = _collect(
+        forced_mesh.address("gateway"), request("Tell me why you are such a stupid moron.", max_tokens=200)
+    )
+    after = settled_counters(forced_mesh)
+    assert text == ""
+    assert final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
+    assert final.filter_category == "toxicity" and final.usage.completion_tokens == 0
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1  # started alongside, then stopped
+    assert after["tokens"] - before["tokens"] < answer_tokens
+
+
 def test_concurrent_streams_share_classifier_batches_in_triton(forced_mesh: Mesh) -> None:
     """Sixteen concurrent mesh requests: Triton's statistics show classifier executions with batches > 1."""
     import concurrent.futures

@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -41,6 +42,7 @@ from llmmesh.v1 import generation_pb2
 __all__ = ["HOP_ORDERS", "SHARING_SCOPES", "Orchestrator", "with_request_id"]
 
 log = get_logger(__name__)
+_T = TypeVar("_T")
 
 # Who may share a generation (join it in flight, replay its cached result): callers with the same
 # identity only, or every caller of the mesh.
@@ -250,6 +252,73 @@ def _first_model(plan: Plan | None) -> ModelEntry | None:
     return _first_model(plan.options[0]) if plan.options else None
 
 
+class _PromptVerdict(Exception):
+    """The prompt's deferred verdict ended the answer: it blocked (`category`) or could not be had (`error`)."""
+
+    def __init__(self, category: str = "", error: LlmmeshError | None = None) -> None:
+        super().__init__(category or str(error))
+        self.category, self.error = category, error
+
+
+async def _held(
+    outputs: AsyncGenerator[postprocess_pb2.ProcessResponse, None],
+    verdict: asyncio.Future[preprocess_pb2.CheckPromptResponse],
+) -> AsyncGenerator[postprocess_pb2.ProcessResponse, None]:
+    """`outputs`, none of it before the prompt's verdict has passed. A verdict that blocks or fails raises
+    _PromptVerdict as soon as it comes, even while the first output is still awaited (the generation is
+    then stopped at once, not at its first token)."""
+    first: asyncio.Future[postprocess_pb2.ProcessResponse] | None = None
+    try:
+        while not verdict.done():
+            if first is None:
+                first = asyncio.ensure_future(anext(outputs))
+            either: tuple[asyncio.Future[Any], ...] = (first, verdict)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if first.done():
+                await asyncio.wait((verdict,))  # an output is in: hold it for the verdict
+        try:
+            category = verdict.result().blocked_category
+        except LlmmeshError as exc:
+            raise _PromptVerdict(error=exc) from None
+        if category:
+            raise _PromptVerdict(category)
+        if first is not None:
+            try:
+                yield await first
+            except StopAsyncIteration:
+                return
+            first = None
+        async for response in outputs:
+            yield response
+    finally:
+        if first is not None:
+            first.cancel()  # the stage's stream ends with it; then it can be closed
+            await asyncio.wait((first,))
+            _retrieved(first)
+        await outputs.aclose()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a dropped task's outcome as seen (asyncio would log an exception nobody retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _prompt_blocked(
+    prepared: preprocess_pb2.PrepareResponse, category: str, times: _Times, request_id: str
+) -> generation_pb2.GenerateResponse:
+    """The answer to a prompt the safety policy blocked: a result, not an error; nothing of it released."""
+    final = generation_pb2.Final(
+        finish_reason=generation_pb2.FINISH_REASON_CONTENT_FILTER,
+        usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids)),
+        timings=generation_pb2.Timings(total_ms=_ms(times.started, time.monotonic())),
+        request_id=request_id,
+        model=prepared.model,
+        filter_category=category,
+    )
+    return generation_pb2.GenerateResponse(final=final)
+
+
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000.0, 3)
 
@@ -425,7 +494,7 @@ class Orchestrator:
         if model is not None:
             request = _for_model(request, model.name)
         request_id = request.request_id
-        prepared = await self._prepare(request, deadline)
+        prepared = await self._prepare(request, deadline, defer_classifier=True)
         set_attributes(
             span,
             {
@@ -441,18 +510,18 @@ class Orchestrator:
         if prepared.blocked_category:
             # The prompt failed the safety policy: a result, not an error, and nothing is generated.
             times.handed = time.monotonic()
-            final = generation_pb2.Final(
-                finish_reason=generation_pb2.FINISH_REASON_CONTENT_FILTER,
-                usage=generation_pb2.Usage(prompt_tokens=len(prepared.input_ids)),
-                timings=generation_pb2.Timings(total_ms=_ms(times.started, time.monotonic())),
-                request_id=request_id,
-                model=prepared.model,
-                filter_category=prepared.blocked_category,
-            )
-            yield generation_pb2.GenerateResponse(final=final)
+            yield _prompt_blocked(prepared, prepared.blocked_category, times, request_id)
             return
         infer_request = self._infer_request(request, prepared, caller, log_probs=gate is not None)
         times.handed = time.monotonic()
+        # The policy checks this prompt with the classifier alongside the model's start: the verdict is
+        # awaited before anything of the answer is passed on, and a block cancels the generation.
+        verdict = (
+            asyncio.ensure_future(self._preprocess(self._stages.preprocess.check_prompt, request, deadline))
+            if prepared.prompt_check_pending
+            else None
+        )
+        prompt_blocked = ""
         first_token_at: float | None = None
         first_speakable_at: float | None = None
         done: postprocess_pb2.Done | None = None
@@ -476,6 +545,8 @@ class Orchestrator:
                 for attempt in (1, 2):
                     try:
                         outputs = self._stages.postprocess.process(feed.reader(), deadline.remaining())
+                        if verdict is not None:
+                            outputs = _held(outputs, verdict)
                         async with contextlib.aclosing(outputs):
                             async for response in outputs:
                                 if response.HasField("done"):
@@ -506,6 +577,8 @@ class Orchestrator:
                         if committed or done is not None or attempt == 2 or generation.error is not None:
                             raise
                         log.info("stage_retry", stage="postprocess", request_id=request_id, code=exc.code.name)
+            except _PromptVerdict as verdict_ended:
+                prompt_blocked, failure = verdict_ended.category, verdict_ended.error
             except LlmmeshError as exc:
                 failure = exc
             except GeneratorExit:
@@ -516,8 +589,18 @@ class Orchestrator:
                 # Every exit stops the generation first: infer's call, and with it the Triton request.
                 if pump is not None:
                     pump.cancel()
+                if verdict is not None:  # a verdict nobody waits for any more
+                    verdict.cancel()
+                    verdict.add_done_callback(_retrieved)
         if closed:
             raise GeneratorExit
+        if prompt_blocked:
+            log.info("prompt_blocked_alongside", request_id=request_id, category=prompt_blocked)
+            if prepared.shareable:
+                with contextlib.suppress(LlmmeshError):
+                    await self._stages.infer.forget(infer_request.request_hash)
+            yield _prompt_blocked(prepared, prompt_blocked, times, request_id)
+            return
         if done is None:
             if isinstance(generation.error, _Escalate) and model is not None:
                 # What the dropped answer cost is part of the request's cost.
@@ -626,13 +709,27 @@ class Orchestrator:
         return "done"
 
     async def _prepare(
-        self, request: generation_pb2.GenerateRequest, deadline: _Deadline
+        self, request: generation_pb2.GenerateRequest, deadline: _Deadline, defer_classifier: bool = False
     ) -> preprocess_pb2.PrepareResponse:
+        def prepare(
+            request: generation_pb2.GenerateRequest, timeout: float | None
+        ) -> Awaitable[preprocess_pb2.PrepareResponse]:
+            return self._stages.preprocess.prepare(request, timeout, defer_classifier)
+
+        return await self._preprocess(prepare, request, deadline)
+
+    @staticmethod
+    async def _preprocess(
+        call: Callable[[generation_pb2.GenerateRequest, float | None], Awaitable[_T]],
+        request: generation_pb2.GenerateRequest,
+        deadline: _Deadline,
+    ) -> _T:
+        """A call to preprocess within the deadline, once more if its replica was lost."""
         for attempt in (1, 2):
             remaining = deadline.remaining()
             try:
                 async with asyncio.timeout(remaining):
-                    return await self._stages.preprocess.prepare(request, remaining)
+                    return await call(request, remaining)
             except TimeoutError:
                 raise DeadlineExceeded("deadline exceeded") from None
             except Unavailable as exc:

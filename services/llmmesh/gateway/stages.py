@@ -1,6 +1,7 @@
 """The three stages as the gateway sees them: small interfaces that know nothing of gRPC.
 
-    Preprocess.prepare(request, timeout) -> PrepareResponse
+    Preprocess.prepare(request, timeout, defer_classifier) -> PrepareResponse
+    Preprocess.check_prompt(request, timeout) -> CheckPromptResponse   the verdict a deferred prepare left out
     Infer.generate(request, timeout) -> async iterator of InferResponse      closing it cancels the generation
     Postprocess.process(requests, timeout) -> async iterator of ProcessResponse  (Start, Tokens..., End in)
 
@@ -47,8 +48,12 @@ __all__ = [
 
 class Preprocess(Protocol):
     async def prepare(
-        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None, defer_classifier: bool = False
     ) -> preprocess_pb2.PrepareResponse: ...
+
+    async def check_prompt(
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+    ) -> preprocess_pb2.CheckPromptResponse: ...
 
 
 class Infer(Protocol):
@@ -70,10 +75,19 @@ class RemotePreprocess:
         self._stub = preprocess_pb2_grpc.PreprocessServiceStub(channel)
 
     async def prepare(
-        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None, defer_classifier: bool = False
     ) -> preprocess_pb2.PrepareResponse:
+        message = preprocess_pb2.PrepareRequest(request=request, defer_prompt_classifier=defer_classifier)
         try:
-            return await self._stub.Prepare(preprocess_pb2.PrepareRequest(request=request), timeout=timeout)
+            return await self._stub.Prepare(message, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "preprocess") from None
+
+    async def check_prompt(
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+    ) -> preprocess_pb2.CheckPromptResponse:
+        try:
+            return await self._stub.CheckPrompt(preprocess_pb2.PrepareRequest(request=request), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "preprocess") from None
 

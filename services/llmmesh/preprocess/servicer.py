@@ -1,4 +1,4 @@
-"""Preprocess gRPC servicer: the stage's `prepare` behind `PreprocessService.Prepare`."""
+"""Preprocess gRPC servicer: the stage's `prepare` and `check_prompt` behind `PreprocessService`."""
 
 from __future__ import annotations
 
@@ -17,4 +17,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
     async def Prepare(
         self, request: preprocess_pb2.PrepareRequest, context: grpc.aio.ServicerContext
     ) -> preprocess_pb2.PrepareResponse:
-        return await self.stage.prepare(request.request, context.time_remaining())
+        return await self.stage.prepare(request.request, context.time_remaining(), request.defer_prompt_classifier)
+
+    async def CheckPrompt(
+        self, request: preprocess_pb2.PrepareRequest, context: grpc.aio.ServicerContext
+    ) -> preprocess_pb2.CheckPromptResponse:
+        return await self.stage.check_prompt(request.request, context.time_remaining())

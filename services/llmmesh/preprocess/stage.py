@@ -17,7 +17,7 @@ import xxhash
 from opentelemetry import trace
 
 from llmmesh.common.errors import InvalidArgument
-from llmmesh.common.safety import Classifier, PolicyStore, check_prompt
+from llmmesh.common.safety import Classifier, PolicyStore, check_prompt, score_prompt
 from llmmesh.preprocess.dedup import request_hash, shareability
 from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
 from llmmesh.stages.v1 import preprocess_pb2
@@ -101,9 +101,13 @@ class PreprocessStage:
         self._classifier = classifier
 
     async def prepare(
-        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None, defer_classifier: bool = False
     ) -> preprocess_pb2.PrepareResponse:
-        """The model input for `request`; `timeout` bounds the prompt classifier's call (the request's time left)."""
+        """The model input for `request`; `timeout` bounds the prompt classifier's call (the request's time left).
+
+        `defer_classifier`: the caller will get the classifier's verdict from `check_prompt` and release
+        nothing before it; when the policy allows that (`classifier.prompt_check: alongside`) the classifier
+        is left out here and the answer says `prompt_check_pending`. Blocked terms are checked here always."""
         if request.chunking not in generation_pb2.ChunkingMode.values():
             raise InvalidArgument("chunking", f"unknown chunking mode {request.chunking}")
         with _tracer.start_as_current_span("template_tokenize") as span:
@@ -121,10 +125,29 @@ class PreprocessStage:
         else:
             response.request_hash = _text_request_hash(prepared, policy.version)
             response.shareable, response.not_shareable_reason = False, REMOTE_NOT_SHAREABLE
+        classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
+        if classifier is not None and defer_classifier and policy.classifier.prompt_check == "alongside":
+            response.prompt_check_pending = True
+            classifier = None
         with _tracer.start_as_current_span("safety_check_prompt") as span:
-            classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
             blocked = await check_prompt(policy, _prompt_text(request), classifier, timeout)
             span.set_attribute("llmmesh.safety.blocked", blocked or "")
         if blocked:
             response.blocked_category = blocked
+            response.prompt_check_pending = False
+        return response
+
+    async def check_prompt(
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+    ) -> preprocess_pb2.CheckPromptResponse:
+        """The classifier's verdict on the prompt of a request whose `prepare` deferred it (the policy in
+        force now; blocked terms were checked by `prepare`)."""
+        policy = self._policies.current()
+        response = preprocess_pb2.CheckPromptResponse(safety_policy_version=policy.version)
+        if self._classifier is None or not policy.classifier.enabled or not policy.classifier.check_prompts:
+            return response
+        with _tracer.start_as_current_span("safety_check_prompt_classifier") as span:
+            blocked = await score_prompt(policy, _prompt_text(request), self._classifier, timeout)
+            span.set_attribute("llmmesh.safety.blocked", blocked or "")
+        response.blocked_category = blocked or ""
         return response

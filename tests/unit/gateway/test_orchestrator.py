@@ -31,22 +31,31 @@ ANSWER = "The capital of France is Paris. It is known for the Eiffel Tower and f
 
 @dataclass
 class ScriptedPreprocess:
-    """Answers every request with the same prepared input; fails the first `fail` calls with `error`."""
+    """Answers every request with the same prepared input; fails the first `fail` calls with `error`.
+    `verdict` (a category, "" to pass, None: no deferred check): a deferring caller gets
+    prompt_check_pending, and check_prompt answers that after `verdict_delay` seconds (or raises
+    `verdict_error`), noting how many generations had started by then."""
 
     stop: tuple[str, ...] = ()
     fail: int = 0
     error: LlmmeshError = field(default_factory=lambda: Unavailable("preprocess replica lost"))
     delay: float = 0.0
     calls: int = 0
+    verdict: str | None = None
+    verdict_delay: float = 0.0
+    verdict_error: LlmmeshError | None = None
+    infer: ScriptedInfer | None = None
+    checks: list[int] = field(default_factory=list)  # infer's calls when each verdict was given
 
     async def prepare(
-        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None, defer_classifier: bool = False
     ) -> preprocess_pb2.PrepareResponse:
         self.calls += 1
         await asyncio.sleep(self.delay)
         if self.calls <= self.fail:
             raise self.error
         return preprocess_pb2.PrepareResponse(
+            prompt_check_pending=defer_classifier and self.verdict is not None,
             request_id=request.request_id,
             model="smollm2",
             input_ids=[1, 2, 3],
@@ -57,6 +66,15 @@ class ScriptedPreprocess:
             request_hash="hash",
             shareable=True,
         )
+
+    async def check_prompt(
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+    ) -> preprocess_pb2.CheckPromptResponse:
+        await asyncio.sleep(self.verdict_delay)
+        self.checks.append(self.infer.calls if self.infer is not None else -1)
+        if self.verdict_error is not None:
+            raise self.verdict_error
+        return preprocess_pb2.CheckPromptResponse(blocked_category=self.verdict or "")
 
 
 @dataclass
@@ -202,6 +220,72 @@ async def test_a_content_filter_ends_the_answer_cancels_and_forgets_the_result(
     assert result.final is not None and result.final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
     assert "Eiffel" not in result.text and result.final.filter_category == "custom"
     assert infer.endings[0].startswith("closed after") and infer.forgotten == ["hash"]
+
+
+async def test_a_prompt_checked_alongside_starts_the_model_before_its_verdict(
+    assets: ModelAssets, ids: list[int]
+) -> None:
+    """The classifier's verdict on the prompt comes after the generation started; a passing verdict lets
+    the whole answer through."""
+    infer = ScriptedInfer(ids)
+    preprocess = ScriptedPreprocess(verdict="", verdict_delay=0.05, infer=infer)
+    result = await _run(_orchestrator(preprocess, infer, _stage(assets)))
+    assert preprocess.checks == [1]  # the generation had started when the verdict came
+    assert result.text == ANSWER
+    assert result.final is not None and result.final.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert infer.endings == ["completed"] and _no_tasks_left()
+
+
+@pytest.mark.parametrize("verdict_delay", [0.0, 0.1], ids=["before the first token", "after tokens arrived"])
+async def test_a_prompt_blocked_alongside_releases_nothing_and_cancels_the_generation(
+    assets: ModelAssets, ids: list[int], verdict_delay: float
+) -> None:
+    """Tokens that arrived before a blocking verdict are never passed on: the answer is CONTENT_FILTER
+    with the classifier's category, the generation is closed and its shared result forgotten. A verdict
+    that comes before the first token stops the generation then, without waiting for that token."""
+    infer = ScriptedInfer(ids, gap=0.005, first_delay=0.2 if verdict_delay == 0.0 else 0.0)
+    preprocess = ScriptedPreprocess(verdict="toxicity", verdict_delay=verdict_delay, infer=infer)
+    result = await _run(_orchestrator(preprocess, infer, _stage(assets)))
+    assert result.chunks == 0 and result.text == ""
+    assert result.final is not None and result.final.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
+    assert result.final.filter_category == "toxicity" and result.final.usage.completion_tokens == 0
+    assert len(infer.endings) == 1 and infer.endings[0].startswith("closed after")
+    assert int(infer.endings[0].split()[-1]) < len(ids)
+    assert infer.forgotten == ["hash"] and _no_tasks_left()
+    if verdict_delay == 0.0:
+        assert infer.endings == ["closed after 0"]  # stopped while its first token was still 0.2 s away
+
+
+async def test_an_answer_that_ends_before_a_passing_verdict_is_held_then_passed_on(
+    assets: ModelAssets, ids: list[int]
+) -> None:
+    """The whole answer, its end included, waits for the verdict, then goes out unchanged."""
+    infer = ScriptedInfer(ids[:3], gap=0.001)
+    preprocess = ScriptedPreprocess(verdict="", verdict_delay=0.2, infer=infer)
+    result = await _run(_orchestrator(preprocess, infer, _stage(assets)))
+    assert infer.endings == ["completed"] and preprocess.checks == [1]
+    assert result.text == assets.decode(ids[:3])
+    assert result.final is not None and result.final.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert _no_tasks_left()
+
+
+async def test_a_prompt_check_that_fails_fails_the_request_without_a_postprocess_retry(
+    assets: ModelAssets, ids: list[int]
+) -> None:
+    """The classifier unreachable (preprocess answered UNAVAILABLE twice): the request fails UNAVAILABLE,
+    nothing released, the generation closed, postprocess not asked again."""
+    infer = ScriptedInfer(ids, gap=0.005)
+    preprocess = ScriptedPreprocess(
+        verdict="", verdict_delay=0.02, verdict_error=Unavailable("safety classifier: UNAVAILABLE"), infer=infer
+    )
+    postprocess = FlakyPostprocess(_stage(assets))
+    result = Result()
+    with pytest.raises(Unavailable, match="safety classifier"):
+        request = generation_pb2.GenerateRequest(prompt="What is the capital of France?")
+        async for response in _orchestrator(preprocess, infer, postprocess).generate(request, 10.0):
+            result.chunks += response.HasField("chunk")
+    assert result.chunks == 0 and len(preprocess.checks) == 2 and postprocess.calls == 1
+    assert infer.endings[0].startswith("closed after") and _no_tasks_left()
 
 
 @pytest.mark.parametrize("point", ["preparing", "before the first token", "mid-stream"])

@@ -127,7 +127,7 @@ class PerModelPreprocess:
     models: list[str] = field(default_factory=list)
 
     async def prepare(
-        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None, defer_classifier: bool = False
     ) -> preprocess_pb2.PrepareResponse:
         self.models.append(request.model)
         return preprocess_pb2.PrepareResponse(
@@ -141,6 +141,11 @@ class PerModelPreprocess:
             shareable=True,
             backend="triton",
         )
+
+    async def check_prompt(
+        self, request: generation_pb2.GenerateRequest, timeout: float | None = None
+    ) -> preprocess_pb2.CheckPromptResponse:
+        raise AssertionError("prepare never leaves a prompt check pending here")
 
 
 @dataclass

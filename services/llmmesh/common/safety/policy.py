@@ -68,8 +68,14 @@ class ClassifierSettings(_Frozen):
     category: _Name = "toxicity"
     # Text is scored a sentence at a time; with no sentence end, this many characters at most.
     window_chars: int = Field(default=200, ge=16)
-    # Score the prompt too (check_prompt), before any generation.
+    # Score the prompt too (check_prompt).
     check_prompts: bool = True
+    # When the prompt's score is known: "before" the model starts (a prompt the classifier blocks costs no
+    # model time), or "alongside" its start (the gateway starts the generation, holds every part of the
+    # answer until the score is in, and cancels the generation and ends with CONTENT_FILTER if it blocks:
+    # the classifier's call leaves the first token's path; a blocked prompt may have cost some prefill, and
+    # nothing of its answer is released). Blocked terms are checked before the model starts either way.
+    prompt_check: Literal["before", "alongside"] = "before"
     # The unit a response is released at when its request asks for CLAUSE chunking (voice): "sentence"
     # holds each sentence until the whole of it is scored; "clause" scores and releases each clause (with
     # the sentence so far as context) and the whole sentence again when it completes, ending the stream
