@@ -381,6 +381,8 @@ def _floor_entry(pairs: list[tuple[float, float]], skipped: int, mismatched: int
         "floor_ms": _dist([floor for _, floor in pairs]),
         "over_floor_paired_p50_ms": paired_over_ms(pairs),
         "within_floor": sum(1 for first, floor in pairs if first <= floor),
+        # Each answer's first speakable chunk minus its own floor, in the order answered (for pooling runs).
+        "over_floor_ms": [round((first - floor) * 1000, 1) for first, floor in pairs],
         # No speakable chunk, or too few model tokens; the mesh's tokens differing from the model's alone.
         "skipped": skipped,
         "token_mismatches": mismatched,

@@ -16,6 +16,7 @@ import pytest
 
 from llmmesh.common.model_assets import load_model_assets
 from llmmesh.common.registry import registry_file
+from llmmesh.common.safety.policy import DEFAULT_POLICY_PATH
 from llmmesh.infer.triton_server import repository_root
 from llmmesh.launcher import Mesh, MeshPorts
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
@@ -55,12 +56,18 @@ def forced_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     text = re.sub(r'(key: "ttft_ms" value: \{ string_value: ")[^"]*(")', r"\g<1>5\g<2>", text)
     text = re.sub(r'(key: "itl_ms" value: \{ string_value: ")[^"]*(")', r"\g<1>2\g<2>", text)
     config.write_text(text)
+    # The prompt's classifier check alongside the model's start (the shipped policy checks before).
+    policy = repo / "policy.yaml"
+    shipped = DEFAULT_POLICY_PATH.read_text(encoding="utf-8")
+    assert "  prompt_check: before\n" in shipped
+    policy.write_text(shipped.replace("  prompt_check: before\n", "  prompt_check: alongside\n"))
     mesh = Mesh(
         ports=MeshPorts.free(),
         log_dir=tmp_path_factory.mktemp("forced-logs"),
         model_registry=registry_file(tmp_path_factory.mktemp("forced-registry"), triton_model="instrument"),
         triton_models=("instrument", "safety_classifier"),
         model_repository=repo,
+        env={"LLMMESH_PREPROCESS_SAFETY_POLICY_PATH": str(policy)},
     )
     mesh.start()
     try:
@@ -97,10 +104,10 @@ def test_a_blocked_prompt_is_answered_without_generating(mesh: Mesh) -> None:
     assert model_counters(mesh) == before
 
 
-def test_a_prompt_the_classifier_blocks_starts_the_model_but_nothing_is_released(forced_mesh: Mesh) -> None:
-    """The shipped policy scores prompts alongside the model's start: an insult the blocklist does not
-    know is scored by the real classifier while the model already streams; the answer is CONTENT_FILTER
-    with no text, and the model's request is cancelled before its answer's end."""
+def test_a_prompt_the_classifier_blocks_alongside_starts_the_model_but_nothing_is_released(forced_mesh: Mesh) -> None:
+    """With `prompt_check: alongside` an insult the blocklist does not know is scored by the real classifier
+    while the model already streams; the answer is CONTENT_FILTER with no text, and the model's request is
+    cancelled before its answer's end."""
     answer_tokens = len(load_model_assets().encode(FORCED))
     before = settled_counters(forced_mesh)
     text, final = _collect(

@@ -35,7 +35,7 @@ from llmmesh.common.logging import get_logger
 from llmmesh.common.registry import ModelEntry
 from llmmesh.common.telemetry import set_attributes
 from llmmesh.gateway.routing import Cascade, Pick, Plan, Router
-from llmmesh.gateway.stages import Stages
+from llmmesh.gateway.stages import Stages, generate_retried
 from llmmesh.stages.v1 import infer_pb2, postprocess_pb2, preprocess_pb2
 from llmmesh.v1 import generation_pb2
 
@@ -794,40 +794,29 @@ class Orchestrator:
 
         silent = False
         try:
-            for attempt in (1, 2):
-                received = False
-                try:
-                    remaining = deadline.remaining()
-                    stream = self._stages.infer.generate(request, remaining)
-                    # The deadline holds even for a stage that does not keep it (the pump is a task of its own).
-                    async with asyncio.timeout(remaining) as limit, contextlib.aclosing(stream):
-                        until = limit.when()
-                        if first_token_timeout is not None:
-                            first_by = asyncio.get_running_loop().time() + first_token_timeout
-                            if until is None or first_by < until:
-                                silent = True
-                                limit.reschedule(first_by)
-                        async for response in stream:
-                            if not received:
-                                received = True
-                                if silent:
-                                    silent = False
-                                    limit.reschedule(until)
-                            if gate is not None and not gate.decided:
-                                held.append(response)
-                                gate.add(response)
-                                if gate.full or response.finish_reason:
-                                    await release()
-                                continue
-                            await take(response)
-                        if gate is not None and not gate.decided:
+            remaining = deadline.remaining()
+            stream = generate_retried(self._stages.infer, request, deadline.remaining)
+            # The deadline holds even for a stage that does not keep it (the pump is a task of its own).
+            async with asyncio.timeout(remaining) as limit, contextlib.aclosing(stream):
+                until = limit.when()
+                if first_token_timeout is not None:
+                    first_by = asyncio.get_running_loop().time() + first_token_timeout
+                    if until is None or first_by < until:
+                        silent = True
+                        limit.reschedule(first_by)
+                async for response in stream:
+                    if silent:
+                        silent = False
+                        limit.reschedule(until)
+                    if gate is not None and not gate.decided:
+                        held.append(response)
+                        gate.add(response)
+                        if gate.full or response.finish_reason:
                             await release()
-                    break
-                except Unavailable as exc:
-                    # Until infer's first response nothing of this generation exists: start it once more.
-                    if received or attempt == 2:
-                        raise
-                    log.info("stage_retry", stage="infer", request_id=request.request_id, code=exc.code.name)
+                        continue
+                    await take(response)
+                if gate is not None and not gate.decided:
+                    await release()
             if not reason:
                 raise Unavailable("infer ended the stream without a finish reason")
             end = postprocess_pb2.End(finish_reason=reason)

@@ -14,6 +14,7 @@ and message, a stage that cannot be reached or is lost mid-stream is `Unavailabl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import grpc
 import grpc.aio
 
 from llmmesh.common.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from llmmesh.common.logging import get_logger
 from llmmesh.common.mux import MuxClient, MuxStream, client_trace, error_of
 from llmmesh.stages.v1 import (
     infer_pb2,
@@ -43,7 +45,10 @@ __all__ = [
     "RemotePostprocess",
     "RemotePreprocess",
     "Stages",
+    "generate_retried",
 ]
+
+log = get_logger(__name__)
 
 
 class Preprocess(Protocol):
@@ -62,6 +67,27 @@ class Infer(Protocol):
     ) -> AsyncGenerator[infer_pb2.InferResponse, None]: ...
 
     async def forget(self, request_hash: str) -> None: ...
+
+
+async def generate_retried(
+    infer: Infer, request: infer_pb2.InferRequest, remaining: Callable[[], float | None]
+) -> AsyncGenerator[infer_pb2.InferResponse, None]:
+    """`infer.generate(request)`, started once more when infer is lost before its first response: until then
+    nothing of the generation exists (and round robin may reach another replica). Each start gets
+    `remaining()` seconds. Used by whoever reads infer: the gateway's pump, or postprocess itself."""
+    for attempt in (1, 2):
+        received = False
+        stream = infer.generate(request, remaining())
+        try:
+            async with contextlib.aclosing(stream):
+                async for response in stream:
+                    received = True
+                    yield response
+            return
+        except Unavailable as exc:
+            if received or attempt == 2:
+                raise
+            log.info("stage_retry", stage="infer", request_id=request.request_id, code=exc.code.name)
 
 
 class Postprocess(Protocol):

@@ -6,22 +6,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc.aio
 
 from llmmesh.common.errors import FailedPrecondition, Unavailable
-from llmmesh.common.logging import get_logger
 from llmmesh.common.mux import Inbox, MuxServer
+from llmmesh.gateway.stages import Infer, generate_retried
 from llmmesh.postprocess.stage import PostprocessStage
 from llmmesh.stages.v1 import infer_pb2, postprocess_pb2, postprocess_pb2_grpc
 
-if TYPE_CHECKING:
-    from llmmesh.gateway.stages import Infer
-
 __all__ = ["PROCESS", "PostprocessServicer"]
-
-log = get_logger(__name__)
 
 # The per-stream method: what each stream on a ProcessStreams call is counted and traced as.
 PROCESS = "/llmmesh.stages.v1.PostprocessService/Process"
@@ -86,33 +80,21 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
             yield postprocess_pb2.ProcessRequest(start=start)
             assert self.infer is not None
             deadline = None if timeout is None else time.monotonic() + timeout
-            for attempt in (1, 2):
-                received = False
-                left = None if deadline is None else deadline - time.monotonic()
-                generation = self.infer.generate(start.infer, left)
-                try:
-                    async with contextlib.aclosing(generation):
-                        async for response in generation:
-                            received = True
-                            if response.reuse:
-                                said.reuse = response.reuse
-                            if response.token_ids:
-                                yield postprocess_pb2.ProcessRequest(
-                                    tokens=postprocess_pb2.Tokens(ids=response.token_ids)
-                                )
-                            elif response.text:
-                                yield postprocess_pb2.ProcessRequest(text=postprocess_pb2.Text(text=response.text))
-                            if response.finish_reason:
-                                said.finish_reason = response.finish_reason
-                                said.completion_tokens = response.completion_tokens
-                                said.prompt_tokens = response.prompt_tokens
-                    break
-                except Unavailable as exc:
-                    # As the gateway does when it reads infer: until infer's first response nothing of this
-                    # generation exists, so it is started once more (round robin: maybe on another replica).
-                    if received or attempt == 2:
-                        raise
-                    log.info("stage_retry", stage="infer", request_id=start.request_id, code=exc.code.name)
+            generation = generate_retried(
+                self.infer, start.infer, lambda: None if deadline is None else deadline - time.monotonic()
+            )
+            async with contextlib.aclosing(generation):
+                async for response in generation:
+                    if response.reuse:
+                        said.reuse = response.reuse
+                    if response.token_ids:
+                        yield postprocess_pb2.ProcessRequest(tokens=postprocess_pb2.Tokens(ids=response.token_ids))
+                    elif response.text:
+                        yield postprocess_pb2.ProcessRequest(text=postprocess_pb2.Text(text=response.text))
+                    if response.finish_reason:
+                        said.finish_reason = response.finish_reason
+                        said.completion_tokens = response.completion_tokens
+                        said.prompt_tokens = response.prompt_tokens
             if not said.finish_reason:
                 raise Unavailable("infer ended the stream without a finish reason")
             end = postprocess_pb2.End(finish_reason=said.finish_reason)

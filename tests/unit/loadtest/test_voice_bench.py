@@ -12,7 +12,7 @@ from loadtest.model_counters import (
     pair_by_order,
     parse_model_counters,
 )
-from loadtest.voice_bench import paired_over_ms, tokens_through_first_speakable
+from loadtest.voice_bench import _floor_entry, paired_over_ms, tokens_through_first_speakable
 
 _TRITON_PAGE = """\
 # HELP nv_inference_request_success Number of successful inference requests
@@ -130,3 +130,10 @@ def test_the_paired_difference_is_the_median_of_each_answer_against_its_own_floo
     assert paired_over_ms(pairs) == 10.0
     assert paired_over_ms([(0.100, 0.125)]) == -25.0
     assert paired_over_ms([]) is None
+
+
+def test_the_floor_entry_keeps_each_answers_difference_for_pooling_runs() -> None:
+    """loadtest.policy_ab pools these across runs: one per answer, in order, ms, under the floor negative."""
+    entry = _floor_entry([(0.150, 0.140), (0.120, 0.130)], skipped=1, mismatched=0)
+    assert entry["over_floor_ms"] == [10.0, -10.0]
+    assert entry["within_floor"] == 1 and entry["answers"] == 2 and entry["skipped"] == 1

@@ -30,8 +30,8 @@ class ScriptedClassifier:
 def _stage(assets: ModelAssets, tmp_path: Path, prompt_check: str, classifier: ScriptedClassifier) -> PreprocessStage:
     policy = tmp_path / "policy.yaml"
     shipped = DEFAULT_POLICY_PATH.read_text(encoding="utf-8")
-    assert "  prompt_check: alongside\n" in shipped
-    policy.write_text(shipped.replace("  prompt_check: alongside\n", f"  prompt_check: {prompt_check}\n"))
+    assert "  prompt_check: before\n" in shipped
+    policy.write_text(shipped.replace("  prompt_check: before\n", f"  prompt_check: {prompt_check}\n"))
     preparer = Preparer({"smollm2": assets}, "smollm2", "You are a helpful assistant.", Limits(default_max_tokens=8))
     return PreprocessStage(preparer, PolicyStore(policy), classifier)
 
