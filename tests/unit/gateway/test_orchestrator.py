@@ -397,6 +397,19 @@ async def test_postprocess_lost_before_the_first_chunk_is_replayed_on_a_new_stre
     assert result.text == ANSWER and postprocess.calls == 2 and infer.calls == 1
 
 
+async def test_postprocess_lost_while_the_prompt_verdict_is_pending_is_replayed_too(
+    assets: ModelAssets, ids: list[int]
+) -> None:
+    """The stream lost before the verdict came: once the verdict passes, the retry gets the exact answer;
+    the prompt is checked once."""
+    postprocess = FlakyPostprocess(_stage(assets), fail=1, after=3)
+    infer = ScriptedInfer(ids)
+    preprocess = ScriptedPreprocess(verdict="", verdict_delay=0.1, infer=infer)
+    result = await _run(_orchestrator(preprocess, infer, postprocess))
+    assert result.text == ANSWER and postprocess.calls == 2 and len(preprocess.checks) == 1
+    assert _no_tasks_left()
+
+
 async def test_postprocess_lost_twice_is_unavailable(assets: ModelAssets, ids: list[int]) -> None:
     """A second loss is the caller's UNAVAILABLE, and the generation is stopped."""
     postprocess = FlakyPostprocess(_stage(assets), fail=2, after=3)
