@@ -17,7 +17,7 @@ import xxhash
 from opentelemetry import trace
 
 from llmmesh.common.errors import InvalidArgument
-from llmmesh.common.safety import Classifier, PolicyStore, check_prompt, score_prompt
+from llmmesh.common.safety import Classifier, PolicyStore, check_prompt
 from llmmesh.preprocess.dedup import request_hash, shareability
 from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
 from llmmesh.stages.v1 import preprocess_pb2
@@ -140,14 +140,10 @@ class PreprocessStage:
     async def check_prompt(
         self, request: generation_pb2.GenerateRequest, timeout: float | None = None
     ) -> preprocess_pb2.CheckPromptResponse:
-        """The classifier's verdict on the prompt of a request whose `prepare` deferred it (the policy in
-        force now; blocked terms were checked by `prepare`)."""
+        """The verdict on the prompt of a request whose `prepare` deferred the classifier: the whole prompt
+        check under the policy in force now (its blocked terms again: microseconds)."""
         policy = self._policies.current()
-        response = preprocess_pb2.CheckPromptResponse(safety_policy_version=policy.version)
-        if self._classifier is None or not policy.classifier.enabled or not policy.classifier.check_prompts:
-            return response
-        with _tracer.start_as_current_span("safety_check_prompt_classifier") as span:
-            blocked = await score_prompt(policy, _prompt_text(request), self._classifier, timeout)
+        with _tracer.start_as_current_span("safety_check_prompt") as span:
+            blocked = await check_prompt(policy, _prompt_text(request), self._classifier, timeout)
             span.set_attribute("llmmesh.safety.blocked", blocked or "")
-        response.blocked_category = blocked or ""
-        return response
+        return preprocess_pb2.CheckPromptResponse(blocked_category=blocked or "", safety_policy_version=policy.version)

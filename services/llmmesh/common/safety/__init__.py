@@ -20,7 +20,7 @@ from llmmesh.common.safety.policy import (
     SafetyPolicy,
     load_policy,
 )
-from llmmesh.common.safety.stream import SafetyStream, SafetyVerdict, check_prompt, score_prompt, split_units
+from llmmesh.common.safety.stream import SafetyStream, SafetyVerdict, check_prompt, split_units
 
 __all__ = [
     "DEFAULT_POLICY_PATH",
@@ -40,6 +40,5 @@ __all__ = [
     "fold",
     "load_policy",
     "luhn_valid",
-    "score_prompt",
     "split_units",
 ]

@@ -257,15 +257,6 @@ async def check_prompt(
     settings = policy.classifier
     if classifier is None or not settings.enabled or not settings.check_prompts:
         return None
-    return await score_prompt(policy, text, classifier, timeout)
-
-
-async def score_prompt(
-    policy: SafetyPolicy, text: str, classifier: Classifier, timeout: float | None = None
-) -> str | None:
-    """The classifier's part of `check_prompt`: the policy's classifier category if a unit of the prompt
-    scores at or above its threshold, else None."""
-    settings = policy.classifier
     units = [u for u in split_units(text, settings.window_chars) if _needs_score(u)]
     if units and max(await classifier.score(units, timeout)) >= settings.threshold:
         return settings.category
