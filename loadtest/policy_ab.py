@@ -62,21 +62,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         assert mesh.triton is not None
         for block in range(args.blocks):
-            for label, source in (("A", args.a), ("B", args.b)) if block % 2 == 0 else (("B", args.b), ("A", args.a)):
-                shutil.copyfile(source, policy)
+            for label in arm_order(block):
+                shutil.copyfile(args.a if label == "A" else args.b, policy)
                 time.sleep(RELOAD_SECONDS)
-                out = work / f"{block}-{label}.json"
-                voice_bench.main(
-                    [
-                        "--address", mesh.address("gateway"), "--triton-grpc", mesh.triton.grpc_url,
-                        "--sessions", "1", "--modes", "CLAUSE", "--rounds", str(args.rounds), "--output", str(out),
-                    ]
-                )  # fmt: skip
-                floor = json.loads(out.read_text())["levels"]["1"]["CLAUSE"]["model_floor"]
-                pooled[label].append(floor["over_floor_ms"])
+                pooled[label].append(
+                    voice_block(
+                        mesh.address("gateway"), mesh.triton.grpc_url, args.rounds, work / f"{block}-{label}.json"
+                    )
+                )
     finally:
         mesh.stop()
         shutil.rmtree(work, ignore_errors=True)
+    write_result(
+        args.name,
+        "python -m loadtest.policy_ab " + " ".join(sys.argv[1:] if argv is None else argv),
+        started,
+        {"policies": {"A": str(args.a), "B": str(args.b)}},
+        pooled,
+    )
+    return 0
+
+
+def arm_order(block: int) -> tuple[str, str]:
+    """A then B in even blocks, B then A in odd ones: neither arm always runs first."""
+    return ("A", "B") if block % 2 == 0 else ("B", "A")
+
+
+def voice_block(address: str, triton_grpc: str, rounds: int, out: Path) -> list[float]:
+    """One block: `rounds` rounds of voice_bench at one session (CLAUSE, with the model floor) against the
+    gateway at `address`; each answer's first speakable chunk minus its own floor, ms."""
+    voice_bench.main(
+        [
+            "--address", address, "--triton-grpc", triton_grpc,
+            "--sessions", "1", "--modes", "CLAUSE", "--rounds", str(rounds), "--output", str(out),
+        ]
+    )  # fmt: skip
+    return list(json.loads(out.read_text())["levels"]["1"]["CLAUSE"]["model_floor"]["over_floor_ms"])
+
+
+def summarise(pooled: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Per arm: the median difference over the floor of every answer, how many were within it, and the same
+    median for the first and last half of its blocks (drift); and B's median minus A's."""
     summary: dict[str, Any] = {}
     for label in ("A", "B"):
         every = [d for block in pooled[label] for d in block]
@@ -89,19 +115,24 @@ def main(argv: list[str] | None = None) -> int:
             "second_half_p50_ms": _median([d for block in pooled[label][half:] for d in block]),
         }
     a, b = summary["A"]["over_floor_p50_ms"], summary["B"]["over_floor_p50_ms"]
+    return {"summary": summary, "b_minus_a_p50_ms": None if a is None or b is None else round(b - a, 1)}
+
+
+def write_result(
+    name: str, command: str, started: float, arms: dict[str, Any], pooled: dict[str, list[list[float]]]
+) -> dict[str, Any]:
+    """results/NAME.json: the command, when, what each arm was, the summary and every answer by block."""
     result = {
-        "command": "python -m loadtest.policy_ab " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "when": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
         "wall_seconds": round(time.time() - started, 1),
-        "policies": {"A": str(args.a), "B": str(args.b)},
-        "summary": summary,
-        "b_minus_a_p50_ms": None if a is None or b is None else round(b - a, 1),
+        **arms,
+        **summarise(pooled),
         "over_floor_ms_by_block": pooled,
     }
-    path = RESULTS / f"{args.name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "over_floor_ms_by_block"}, indent=1))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -237,14 +237,18 @@ class Mesh:
         self.procs[key] = proc
         return proc
 
-    def start_replica(self, name: str, port: int, timeout: float = 60.0) -> str:
-        """One more process of stage `name` on `port` (metrics on a free port); returns its key in `procs`.
+    def start_replica(self, name: str, port: int, timeout: float = 60.0, env: Mapping[str, str] | None = None) -> str:
+        """One more process of service `name` on `port` (metrics on a free port), with `env` over the mesh's;
+        returns its key in `procs`, once it is SERVING.
 
         For fault tests: point the gateway at both (e.g. `LLMMESH_GATEWAY_PREPROCESS_URL=ipv4:HOST:P1,HOST:P2`).
+        A second gateway shares the mesh's stages, or keeps some in its own process (`env`; loadtest.layout_ab).
         """
         key = f"{name}-{port}"
         prefix = f"LLMMESH_{name.upper()}_"
-        self.start_service(name, key, {f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": str(free_port())})
+        self.start_service(
+            name, key, {f"{prefix}PORT": str(port), f"{prefix}METRICS_PORT": str(free_port()), **(env or {})}
+        )
         deadline = time.monotonic() + timeout
         while not _serving(f"{self.host}:{port}", self.probe_credentials()):
             proc = self.procs[key]

@@ -200,3 +200,32 @@ def test_hop_floor_chain_forwards_every_call_to_the_origin(tmp_path: Path, monke
         times = result[mode]["first_response_ms"]
         assert set(times) == {f"{n} relays" for n in hop_floor.RELAYS}
         assert all(t["p50"] > 0 for t in times.values())
+
+
+def test_ab_blocks_alternate_and_the_summary_pools_every_answer() -> None:
+    """policy_ab and layout_ab: A first in even blocks, B first in odd ones; each arm's median over the floor
+    is over all its answers (not a median of block medians), with the halves of its blocks apart."""
+    from loadtest.policy_ab import arm_order, summarise
+
+    assert [arm_order(b) for b in range(3)] == [("A", "B"), ("B", "A"), ("A", "B")]
+    result = summarise({"A": [[1.0, 2.0, 30.0], [-4.0]], "B": [[5.0], [6.0, 7.0]]})
+    a, b = result["summary"]["A"], result["summary"]["B"]
+    assert (a["answers"], a["over_floor_p50_ms"], a["within_floor"]) == (4, 1.5, 1)
+    assert (a["first_half_p50_ms"], a["second_half_p50_ms"]) == (2.0, -4.0)
+    assert (b["answers"], b["over_floor_p50_ms"], b["within_floor"]) == (3, 6.0, 0)
+    assert result["b_minus_a_p50_ms"] == 4.5
+
+
+def test_layout_ab_puts_the_named_stages_in_gateway_b_and_refuses_others() -> None:
+    from loadtest.layout_ab import b_environment, main
+
+    assert b_environment(("preprocess", "postprocess"), [("LLMMESH_GATEWAY_HOP_ORDER", "gateway")]) == {
+        "LLMMESH_GATEWAY_PREPROCESS_URL": "inprocess",
+        "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess",
+        "LLMMESH_GATEWAY_HOP_ORDER": "gateway",
+    }
+    assert b_environment((), []) == {}
+    with pytest.raises(SystemExit):
+        main(["--b-in-gateway", "infer", "--name", "x"])
+    with pytest.raises(SystemExit):
+        main(["--b-env", "NOEQUALS", "--name", "x"])
