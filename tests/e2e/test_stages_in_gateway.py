@@ -1,20 +1,24 @@
 """Preprocess and postprocess in the gateway's process (LLMMESH_GATEWAY_<STAGE>_URL=inprocess), end to end.
 
 A second gateway process runs beside the session mesh's, on the same infer and Triton, with preprocess and
-postprocess inside it and no channel to either service. Its answers must be the ones the four-process mesh
-gives, with validation, stop strings, the blocklist (prompt and answer) and cancellation working the same
-way. Each generation here is unique (max_tokens) so that it is a real one, not a dedup replay of another
-test's.
+postprocess inside it and no channel to either service: the voice layout (README.md "Voice"), so its policy
+is the shipped one with the classifier scored in its own process (`classifier.runs_in: stage`). Its answers
+must be the ones the four-process mesh gives, with validation, stop strings, the blocklist (prompt and
+answer), the classifier and cancellation working the same way, and Triton's classifier is never asked.
+Each generation here is unique (max_tokens) so that it is a real one, not a dedup replay of another test's.
 """
 
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from llmmesh.common.safety import DEFAULT_POLICY_PATH
 from llmmesh.launcher import Mesh, free_port
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
@@ -26,8 +30,26 @@ Stub = generation_pb2_grpc.GenerationServiceStub
 KEY = "gateway-with-stages"
 
 
+def triton_classifier_requests(mesh: Mesh) -> float:
+    """Requests Triton's `safety_classifier` model has answered (its own inference counter)."""
+    assert mesh.triton is not None
+    with urllib.request.urlopen(mesh.triton.metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            # prometheus_client's parser names a counter's samples <family>_total.
+            model = sample.labels.get("model")
+            if sample.name == "nv_inference_request_success_total" and model == "safety_classifier":
+                return sample.value
+    return 0.0
+
+
 @pytest.fixture(scope="module")
-def colocated(mesh: Mesh) -> Iterator[Stub]:
+def colocated(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stub]:
+    shipped = DEFAULT_POLICY_PATH.read_text(encoding="utf-8")
+    assert "  runs_in: triton\n" in shipped
+    policy = tmp_path_factory.mktemp("voice") / "policy.yaml"
+    policy.write_text(shipped.replace("  runs_in: triton\n", "  runs_in: stage\n"))
     port = free_port()
     mesh.start_service(
         "gateway",
@@ -37,6 +59,8 @@ def colocated(mesh: Mesh) -> Iterator[Stub]:
             "LLMMESH_GATEWAY_METRICS_PORT": str(free_port()),
             "LLMMESH_GATEWAY_PREPROCESS_URL": "inprocess",
             "LLMMESH_GATEWAY_POSTPROCESS_URL": "inprocess",
+            "LLMMESH_PREPROCESS_SAFETY_POLICY_PATH": str(policy),
+            "LLMMESH_POSTPROCESS_SAFETY_POLICY_PATH": str(policy),
         },
     )
     try:
@@ -117,6 +141,25 @@ def test_a_blocked_prompt_is_answered_without_generating(colocated: Stub, mesh: 
     assert (text, ids) == ("", [])
     assert (final.finish_reason, final.filter_category) == (generation_pb2.FINISH_REASON_CONTENT_FILTER, "profanity")
     assert settled_counters(mesh) == before
+
+
+def test_the_classifier_blocks_in_the_gateways_process_without_asking_triton(
+    colocated: Stub, gateway: Stub, mesh: Mesh
+) -> None:
+    """An insult no blocked term names: the in-process classifier blocks the prompt before the model starts
+    (toxicity), and Triton's classifier model answers no request for it or for a plain answer (the
+    four-process mesh's gateway, whose policy runs it in Triton, moves the same counter)."""
+    asked = triton_classifier_requests(mesh)
+    _, _, final = collect(gateway, request("You are a stupid idiot.", max_tokens=31))
+    assert final.filter_category == "toxicity" and triton_classifier_requests(mesh) > asked
+    before, asked = settled_counters(mesh), triton_classifier_requests(mesh)
+    text, ids, final = collect(colocated, request("You are a stupid idiot.", max_tokens=31))
+    assert (text, ids) == ("", [])
+    assert (final.finish_reason, final.filter_category) == (generation_pb2.FINISH_REASON_CONTENT_FILTER, "toxicity")
+    assert settled_counters(mesh) == before
+    text, _, final = collect(colocated, request("What is the capital of France?", temperature=0.0, max_tokens=27))
+    assert final.finish_reason != generation_pb2.FINISH_REASON_CONTENT_FILTER and "Paris" in text
+    assert triton_classifier_requests(mesh) == asked
 
 
 def test_barge_in_stops_the_model_and_acknowledges_what_was_delivered(colocated: Stub, mesh: Mesh) -> None:

@@ -210,3 +210,79 @@ async def test_postprocess_without_a_triton_address_serves_with_the_classifier_l
     service = await create_postprocess(PostprocessSettings())
     async with serving(service) as channel:
         assert await _status(channel) == SERVING
+
+
+# A policy that scores in the stage's own process (classifier.runs_in: stage)
+
+INSULT = "You are a stupid idiot."
+
+
+def _policy(path: Path, version: str, runs_in: str) -> Path:
+    path.write_text(f'version: "{version}"\nclassifier: {{enabled: true, runs_in: {runs_in}}}\n', encoding="utf-8")
+    return path
+
+
+def _insult(assets: ModelAssets) -> list[postprocess_pb2.ProcessRequest]:
+    P = postprocess_pb2
+    return [
+        P.ProcessRequest(start=P.Start(request_id="r1", chunking=generation_pb2.CHUNKING_MODE_TOKEN)),
+        P.ProcessRequest(tokens=P.Tokens(ids=assets.encode(INSULT))),
+        P.ProcessRequest(end=P.End(finish_reason=generation_pb2.FINISH_REASON_STOP)),
+    ]
+
+
+async def test_postprocess_scores_in_its_own_process_when_the_policy_says_so(
+    triton: StandInTriton, assets: ModelAssets, tmp_path: Path
+) -> None:
+    """`runs_in: triton`: the stand-in's 0.5 lets the insult through; the file reloaded with `runs_in: stage`:
+    the real alt-profanity-check in postprocess's process blocks it (loaded on the first stream that needs
+    it) and Triton is not asked."""
+    policy = _policy(tmp_path / "policy.yaml", "triton", "triton")
+    service = await create_postprocess(
+        PostprocessSettings(triton_url=triton.url, safety_policy_path=str(policy), health_interval_seconds=0.1)
+    )
+    async with serving(service) as channel:
+        assert await _until(channel, SERVING) == SERVING
+        stub = postprocess_pb2_grpc.PostprocessServiceStub(channel)
+        replies = [r async for r in stub.Process(iter(_insult(assets)), timeout=10.0)]
+        assert replies[-1].done.finish_reason == generation_pb2.FINISH_REASON_STOP
+        assert "".join(r.delta.text for r in replies if r.HasField("delta")) == INSULT
+        assert len(triton.deadlines) == 1
+        _policy(policy, "stage", "stage")
+        await asyncio.sleep(1.2)  # the store looks at its file at most once a second
+        replies = [r async for r in stub.Process(iter(_insult(assets)), timeout=10.0)]
+    assert replies[-1].done.finish_reason == generation_pb2.FINISH_REASON_CONTENT_FILTER
+    assert replies[-1].done.filter_category == "toxicity"
+    assert not any(r.HasField("delta") for r in replies)
+    assert len(triton.deadlines) == 1, "the in-process policy called Triton"
+
+
+async def test_preprocess_checks_prompts_in_its_own_process_without_triton(tmp_path: Path) -> None:
+    """`runs_in: stage` and no Triton address at all: an insulting prompt is blocked, a plain one passes."""
+    policy = _policy(tmp_path / "policy.yaml", "stage", "stage")
+    service = await create_preprocess(PreprocessSettings(safety_policy_path=str(policy)))
+    async with serving(service) as channel:
+        stub = preprocess_pb2_grpc.PreprocessServiceStub(channel)
+        blocked = await stub.Prepare(
+            preprocess_pb2.PrepareRequest(request=generation_pb2.GenerateRequest(prompt=INSULT)), timeout=5.0
+        )
+        plain = await stub.Prepare(
+            preprocess_pb2.PrepareRequest(request=generation_pb2.GenerateRequest(prompt="Hello there.")), timeout=5.0
+        )
+    assert blocked.blocked_category == "toxicity"
+    assert plain.input_ids and not plain.blocked_category
+
+
+async def test_postprocess_scoring_in_its_own_process_serves_whatever_triton_does(tmp_path: Path) -> None:
+    """Nothing at the Triton address: `runs_in: stage` serves (the classifier is in the process); reloaded
+    with `runs_in: triton`, NOT_SERVING."""
+    policy = _policy(tmp_path / "policy.yaml", "stage", "stage")
+    service = await create_postprocess(
+        PostprocessSettings(
+            triton_url=f"127.0.0.1:{free_port()}", safety_policy_path=str(policy), health_interval_seconds=0.1
+        )
+    )
+    async with serving(service) as channel:
+        assert await _until(channel, SERVING) == SERVING
+        _policy(policy, "triton", "triton")
+        assert await _until(channel, NOT_SERVING) == NOT_SERVING

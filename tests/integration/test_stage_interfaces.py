@@ -32,14 +32,14 @@ P = postprocess_pb2
 @pytest.fixture(scope="module")
 def preprocess_servicer() -> PreprocessServicer:
     servicer, classifier = build_preprocess(PreprocessSettings())
-    assert classifier is None  # no Triton URL: the classifier layer is off
+    assert classifier.triton is None  # no Triton URL: the classifier layer (runs_in: triton) is off
     return servicer
 
 
 @pytest.fixture(scope="module")
 def postprocess_servicer() -> PostprocessServicer:
     servicer, classifier = build_postprocess(PostprocessSettings(extra_blocked_terms=["Berlin"]))
-    assert classifier is None
+    assert classifier.triton is None
     return servicer
 
 

@@ -139,7 +139,7 @@ def _local_preprocess() -> tuple[Preprocess, Callable[[], Awaitable[None]] | Non
     from llmmesh.preprocess.server import PreprocessSettings, build_servicer
 
     servicer, classifier = build_servicer(PreprocessSettings())
-    return servicer.stage, classifier.close if classifier is not None else None
+    return servicer.stage, classifier.close
 
 
 def _local_postprocess() -> tuple[Postprocess, Callable[[], Awaitable[None]] | None]:
@@ -147,7 +147,7 @@ def _local_postprocess() -> tuple[Postprocess, Callable[[], Awaitable[None]] | N
     from llmmesh.postprocess.server import PostprocessSettings, build_servicer
 
     servicer, classifier = build_servicer(PostprocessSettings())
-    return servicer.stage, classifier.close if classifier is not None else None
+    return servicer.stage, classifier.close
 
 
 async def create_server(settings: GatewaySettings) -> Service:

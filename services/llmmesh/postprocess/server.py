@@ -17,7 +17,7 @@ from llmmesh.common.errors import InvalidArgument
 from llmmesh.common.logging import get_logger
 from llmmesh.common.model_assets import load_registry_assets
 from llmmesh.common.registry import UnknownModel, load_registry
-from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, TritonClassifier, classifier_for
+from llmmesh.common.safety import BlockedTerm, PolicyStore, SafetyStream, StageClassifier, classifier_for
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.postprocess.chunker import Chunker, ChunkingMode
@@ -49,7 +49,8 @@ class PostprocessSettings(ServiceSettings):
     safety_policy_path: str = ""
     # More blocked terms (category "custom"), JSON list in the environment.
     extra_blocked_terms: list[str] = Field(default_factory=list)
-    # Triton's gRPC address for the policy's classifier; empty = the classifier layer is off.
+    # Triton's gRPC address for the policy's classifier (`runs_in: triton`); empty = that layer is off (a
+    # policy with `runs_in: stage` scores in this process, no Triton needed).
     triton_url: str = ""
     # The header ('<key>=<value>') that Triton's restricted protocols require (llmmesh.common.triton_auth);
     # empty = none sent. Never logged.
@@ -89,22 +90,23 @@ class StreamSafety:
         return self._stream.held_chars
 
 
-def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None]:
+def build_servicer(settings: PostprocessSettings) -> tuple[PostprocessServicer, StageClassifier]:
     """The servicer and its classifier client (to close): served by `create_server`, or called in the
     gateway's own process (`llmmesh.postprocess.local`)."""
     servicer, classifier, _ = _build(settings)
     return servicer, classifier
 
 
-def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonClassifier | None, PolicyStore]:
+def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, StageClassifier, PolicyStore]:
     registry = load_registry(settings.model_registry)
     assets = load_registry_assets(registry)
     policies = PolicyStore(
         settings.safety_policy_path or None,
         extra_terms=[BlockedTerm(t, "custom") for t in settings.extra_blocked_terms],
     )
+    policy = policies.current()
     classifier = classifier_for(
-        settings.triton_url, policies.current().classifier.model, settings.triton_header.get_secret_value()
+        settings.triton_url, policy.classifier.model, settings.triton_header.get_secret_value(), policy
     )
 
     def make_pipeline(start: postprocess_pb2.Start, deadline: float | None) -> TextPipeline:
@@ -116,7 +118,7 @@ def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonCl
         if chunking is None:
             raise InvalidArgument("start.chunking", f"unknown chunking mode {start.chunking}")
         policy = policies.current()
-        use_classifier = classifier if policy.classifier.enabled else None
+        use_classifier = classifier.pick(policy)
         # A model served by an OpenAI-compatible endpoint streams text: no vocabulary.
         return TextPipeline(
             assets[model.name].token_bytes if model.backend == "triton" else None,
@@ -136,15 +138,10 @@ def _build(settings: PostprocessSettings) -> tuple[PostprocessServicer, TritonCl
     return PostprocessServicer(PostprocessStage(make_pipeline)), classifier, policies
 
 
-async def _classifier_usable(policies: PolicyStore, classifier: TritonClassifier) -> bool:
-    """False while the current policy enables the classifier and Triton does not serve its model."""
-    return not policies.current().classifier.enabled or await classifier.ready()
-
-
-async def _watch(service: Service, policies: PolicyStore, classifier: TritonClassifier, interval: float) -> None:
+async def _watch(service: Service, policies: PolicyStore, classifier: StageClassifier, interval: float) -> None:
     serving: bool | None = None
     while True:
-        usable = await _classifier_usable(policies, classifier)
+        usable = await classifier.ready(policies.current())
         if usable != serving:
             serving = usable
             log.info("safety_classifier_readiness", serving=usable, model=classifier.model)
@@ -173,12 +170,12 @@ async def create_server(settings: PostprocessSettings) -> Service:
     service.companions.append(servicer.mux)
     if infer_channel is not None:
         service.closers.append(infer_channel.close)
-    if classifier is None:
-        if policies.current().classifier.enabled:
+    service.closers.append(classifier.close)
+    if classifier.triton is None:
+        if classifier.pick(policies.current()) is None and policies.current().classifier.enabled:
             log.warning("safety_classifier_off", reason="no triton_url: the policy's classifier layer is skipped")
         await service.set_serving(True)
         return service
-    service.closers.append(classifier.close)
     # Health reads SERVING until set (grpc's default): NOT_SERVING until the first check says otherwise.
     await service.set_serving(False)
     service.tasks.append(asyncio.create_task(_watch(service, policies, classifier, settings.health_interval_seconds)))

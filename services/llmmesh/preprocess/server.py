@@ -7,7 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.model_assets import load_registry_assets
 from llmmesh.common.registry import load_registry
-from llmmesh.common.safety import PolicyStore, TritonClassifier, classifier_for
+from llmmesh.common.safety import PolicyStore, StageClassifier, classifier_for
 from llmmesh.common.server import Service, build_server
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.preprocess.domain import Limits, Preparer
@@ -37,14 +37,15 @@ class PreprocessSettings(ServiceSettings):
     max_message_chars: int = Field(default=32768, gt=0)
     # The safety policy that checks prompts (same file as postprocess's); empty = the default policy.
     safety_policy_path: str = ""
-    # Triton's gRPC address for the policy's classifier; empty = prompts are checked without it.
+    # Triton's gRPC address for the policy's classifier (`runs_in: triton`); empty = prompts are checked
+    # without it (a policy with `runs_in: stage` scores them in this process, no Triton needed).
     triton_url: str = ""
     # The header ('<key>=<value>') that Triton's restricted protocols require (llmmesh.common.triton_auth);
     # empty = none sent. Never logged.
     triton_header: SecretStr = SecretStr("")
 
 
-def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, TritonClassifier | None]:
+def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, StageClassifier]:
     """The servicer (tokenizer loaded) and its classifier client (to close): served by `create_server`, or
     called in the gateway's own process (`llmmesh.preprocess.local`)."""
     registry = load_registry(settings.model_registry)
@@ -65,8 +66,9 @@ def build_servicer(settings: PreprocessSettings) -> tuple[PreprocessServicer, Tr
         remote=[e.name for e in registry if e.backend == "openai"],
     )
     policies = PolicyStore(settings.safety_policy_path or None)
+    policy = policies.current()
     classifier = classifier_for(
-        settings.triton_url, policies.current().classifier.model, settings.triton_header.get_secret_value()
+        settings.triton_url, policy.classifier.model, settings.triton_header.get_secret_value(), policy
     )
     return PreprocessServicer(PreprocessStage(preparer, policies, classifier)), classifier
 
@@ -81,7 +83,6 @@ async def create_server(settings: PreprocessSettings) -> Service:
         [name],
         lambda server: preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server(servicer, server),
     )
-    if classifier is not None:
-        service.closers.append(classifier.close)
+    service.closers.append(classifier.close)
     await service.set_serving(True)
     return service

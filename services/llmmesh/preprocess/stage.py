@@ -17,7 +17,7 @@ import xxhash
 from opentelemetry import trace
 
 from llmmesh.common.errors import InvalidArgument
-from llmmesh.common.safety import Classifier, PolicyStore, check_prompt
+from llmmesh.common.safety import Classifier, PolicyStore, SafetyPolicy, StageClassifier, check_prompt
 from llmmesh.preprocess.dedup import request_hash, shareability
 from llmmesh.preprocess.domain import ChatTurn, Prepared, PrepareInput, Preparer, SamplingInput
 from llmmesh.stages.v1 import preprocess_pb2
@@ -95,10 +95,13 @@ def _prompt_text(req: generation_pb2.GenerateRequest) -> str:
 
 
 class PreprocessStage:
-    def __init__(self, preparer: Preparer, policies: PolicyStore, classifier: Classifier | None = None) -> None:
+    def __init__(self, preparer: Preparer, policies: PolicyStore, classifier: StageClassifier | None = None) -> None:
         self._preparer = preparer
         self._policies = policies
         self._classifier = classifier
+
+    def _classifier_for(self, policy: SafetyPolicy) -> Classifier | None:
+        return None if self._classifier is None else self._classifier.pick(policy, prompts=True)
 
     async def prepare(
         self, request: generation_pb2.GenerateRequest, timeout: float | None = None, defer_classifier: bool = False
@@ -125,7 +128,7 @@ class PreprocessStage:
         else:
             response.request_hash = _text_request_hash(prepared, policy.version)
             response.shareable, response.not_shareable_reason = False, REMOTE_NOT_SHAREABLE
-        classifier = self._classifier if policy.classifier.enabled and policy.classifier.check_prompts else None
+        classifier = self._classifier_for(policy)
         if classifier is not None and defer_classifier and policy.classifier.prompt_check == "alongside":
             response.prompt_check_pending = True
             classifier = None
@@ -144,6 +147,6 @@ class PreprocessStage:
         check under the policy in force now (its blocked terms again: microseconds)."""
         policy = self._policies.current()
         with _tracer.start_as_current_span("safety_check_prompt") as span:
-            blocked = await check_prompt(policy, _prompt_text(request), self._classifier, timeout)
+            blocked = await check_prompt(policy, _prompt_text(request), self._classifier_for(policy), timeout)
             span.set_attribute("llmmesh.safety.blocked", blocked or "")
         return preprocess_pb2.CheckPromptResponse(blocked_category=blocked or "", safety_policy_version=policy.version)

@@ -136,3 +136,13 @@ def test_store_refuses_to_start_without_a_valid_policy(tmp_path: Path) -> None:
     """There is no previous policy to fall back on at start: a broken file raises."""
     with pytest.raises(PolicyError):
         PolicyStore(_write(tmp_path / "p.yaml", "version: [x"))
+
+
+def test_the_classifier_runs_in_triton_unless_the_policy_says_stage(tmp_path: Path) -> None:
+    """`classifier.runs_in` defaults to triton, accepts stage, and names itself when given anything else."""
+    assert load_policy().classifier.runs_in == "triton"
+    stage = _write(tmp_path / "stage.yaml", 'version: "s"\nclassifier: {runs_in: stage}\n')
+    assert load_policy(stage).classifier.runs_in == "stage"
+    wrong = _write(tmp_path / "wrong.yaml", 'version: "w"\nclassifier: {runs_in: gpu}\n')
+    with pytest.raises(PolicyError, match="runs_in"):
+        load_policy(wrong)

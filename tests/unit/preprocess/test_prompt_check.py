@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmmesh.common.model_assets import ModelAssets
-from llmmesh.common.safety import PolicyStore
+from llmmesh.common.safety import PolicyStore, StageClassifier
 from llmmesh.common.safety.policy import DEFAULT_POLICY_PATH
 from llmmesh.preprocess.domain import Limits, Preparer
 from llmmesh.preprocess.stage import PreprocessStage
@@ -33,7 +33,7 @@ def _stage(assets: ModelAssets, tmp_path: Path, prompt_check: str, classifier: S
     assert "  prompt_check: before\n" in shipped
     policy.write_text(shipped.replace("  prompt_check: before\n", f"  prompt_check: {prompt_check}\n"))
     preparer = Preparer({"smollm2": assets}, "smollm2", "You are a helpful assistant.", Limits(default_max_tokens=8))
-    return PreprocessStage(preparer, PolicyStore(policy), classifier)
+    return PreprocessStage(preparer, PolicyStore(policy), StageClassifier(classifier))  # type: ignore[arg-type]
 
 
 def _request(prompt: str) -> generation_pb2.GenerateRequest:

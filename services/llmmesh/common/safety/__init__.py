@@ -9,7 +9,13 @@ reloads it when it changes.
 from __future__ import annotations
 
 from llmmesh.common.safety.blocklist import BlockedTerm, fold
-from llmmesh.common.safety.classifier import Classifier, TritonClassifier, classifier_for
+from llmmesh.common.safety.classifier import (
+    Classifier,
+    LocalClassifier,
+    StageClassifier,
+    TritonClassifier,
+    classifier_for,
+)
 from llmmesh.common.safety.pii import PiiRedactor, luhn_valid
 from llmmesh.common.safety.policy import (
     DEFAULT_POLICY_PATH,
@@ -27,6 +33,7 @@ __all__ = [
     "BlockedTerm",
     "Classifier",
     "ClassifierSettings",
+    "LocalClassifier",
     "PiiRedactor",
     "PiiSettings",
     "PolicyError",
@@ -34,6 +41,7 @@ __all__ = [
     "SafetyPolicy",
     "SafetyStream",
     "SafetyVerdict",
+    "StageClassifier",
     "TritonClassifier",
     "check_prompt",
     "classifier_for",

@@ -62,6 +62,11 @@ class ClassifierSettings(_Frozen):
     """The trained classifier: Triton model, threshold on P(unsafe), and the unit it scores."""
 
     enabled: bool = True
+    # Where texts are scored: "triton" (the model `model` on Triton: alt-profanity-check on CPU, a Llama
+    # Guard-style model in the same slot on GPU), or "stage" (alt-profanity-check in each stage's own
+    # process, `model` unused: no round trip to Triton before a prompt is let through or a clause spoken;
+    # the CPU model only, and its work on the stages' CPU instead of Triton's).
+    runs_in: Literal["triton", "stage"] = "triton"
     model: _Name = "safety_classifier"
     threshold: float = Field(default=0.9, gt=0.0, le=1.0)
     # The finish category of a block by the classifier (it scores one class: unsafe).

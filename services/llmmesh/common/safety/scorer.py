@@ -1,0 +1,1 @@
+../../../../triton_models/safety_classifier/1/scorer.py
