@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -74,17 +75,35 @@ def _cancel_when(call: grpc.Future, cancelled: Callable[[], bool]) -> None:
         time.sleep(0.1)
 
 
+def layout(in_gateway: list[str], voice: bool) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The stages `llmmesh up` runs in the gateway's process and the settings it adds for them. `voice`: the
+    voice layout (README.md), both stages in the gateway with the policy policies/voice.yaml (the classifier
+    in that process too) unless the environment names a policy of its own."""
+    if not voice:
+        return tuple(in_gateway), {}
+    from llmmesh.common.safety import VOICE_POLICY_PATH
+
+    stages = ("preprocess", "postprocess")
+    env = {}
+    for stage in stages:
+        key = f"LLMMESH_{stage.upper()}_SAFETY_POLICY_PATH"
+        env[key] = os.environ.get(key) or str(VOICE_POLICY_PATH)
+    return stages, env
+
+
 def _up(args: argparse.Namespace) -> int:
     from llmmesh.launcher import Mesh, MeshPorts, StartCancelled
 
     ports = MeshPorts.free() if args.free_ports else MeshPorts.from_gateway(args.port)
     endpoint = args.otlp_endpoint.rstrip("/")
+    in_gateway, env = layout(args.in_gateway, args.voice)
     mesh = Mesh(
         ports=ports,
         log_dir=Path(args.log_dir),
         otlp_endpoint=endpoint,
         triton_trace_url=f"{endpoint}/v1/traces" if endpoint else "",
-        in_gateway=tuple(args.in_gateway),
+        in_gateway=in_gateway,
+        env=env,
     )
     # The handler only records the signal: anything that takes a lock (threading.Event.set) can deadlock
     # when the handler runs inside that lock's owner in the main thread. The loops below poll the record.
@@ -103,7 +122,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
         assert mesh.triton is not None
         print(f"  triton       grpc {mesh.triton.grpc_url}  http {mesh.triton.http_url}", file=sys.stderr)
-        for name in args.in_gateway:
+        for name in in_gateway:
             print(f"  {name:<12} in the gateway's process", file=sys.stderr)
         for name in mesh.services:
             print(
@@ -157,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="STAGE",
         help="run these stages (preprocess, postprocess) inside the gateway's process instead of their own",
+    )
+    up.add_argument(
+        "--voice",
+        action="store_true",
+        help="the voice layout: both stages in the gateway and the safety policy policies/voice.yaml (the "
+        "classifier in that process) unless LLMMESH_<STAGE>_SAFETY_POLICY_PATH names another",
     )
     up.set_defaults(func=_up)
 

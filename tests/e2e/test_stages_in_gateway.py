@@ -1,10 +1,10 @@
 """Preprocess and postprocess in the gateway's process (LLMMESH_GATEWAY_<STAGE>_URL=inprocess), end to end.
 
 A second gateway process runs beside the session mesh's, on the same infer and Triton, with preprocess and
-postprocess inside it and no channel to either service: the voice layout (README.md "Voice"), so its policy
-is the shipped one with the classifier scored in its own process (`classifier.runs_in: stage`). Its answers
-must be the ones the four-process mesh gives, with validation, stop strings, the blocklist (prompt and
-answer), the classifier and cancellation working the same way, and Triton's classifier is never asked.
+postprocess inside it and no channel to either service: the voice layout (README.md, "The voice layout"),
+with the shipped voice policy (policies/voice.yaml: the default with `classifier.runs_in: stage`). Its
+answers must be the ones the four-process mesh gives, with validation, stop strings, the blocklist (prompt
+and answer), the classifier and cancellation working the same way, and Triton's classifier is never asked.
 Each generation here is unique (max_tokens) so that it is a real one, not a dedup replay of another test's.
 """
 
@@ -18,7 +18,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmmesh.common.safety import DEFAULT_POLICY_PATH
+from llmmesh.common.safety import VOICE_POLICY_PATH
 from llmmesh.launcher import Mesh, free_port
 from llmmesh.v1 import generation_pb2, generation_pb2_grpc
 
@@ -45,11 +45,8 @@ def triton_classifier_requests(mesh: Mesh) -> float:
 
 
 @pytest.fixture(scope="module")
-def colocated(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stub]:
-    shipped = DEFAULT_POLICY_PATH.read_text(encoding="utf-8")
-    assert "  runs_in: triton\n" in shipped
-    policy = tmp_path_factory.mktemp("voice") / "policy.yaml"
-    policy.write_text(shipped.replace("  runs_in: triton\n", "  runs_in: stage\n"))
+def colocated(mesh: Mesh) -> Iterator[Stub]:
+    policy = VOICE_POLICY_PATH  # what `llmmesh up --voice` runs
     port = free_port()
     mesh.start_service(
         "gateway",

@@ -146,3 +146,52 @@ def test_the_classifier_runs_in_triton_unless_the_policy_says_stage(tmp_path: Pa
     wrong = _write(tmp_path / "wrong.yaml", 'version: "w"\nclassifier: {runs_in: gpu}\n')
     with pytest.raises(PolicyError, match="runs_in"):
         load_policy(wrong)
+
+
+def test_the_voice_policy_is_the_default_with_the_classifier_in_the_stage() -> None:
+    """policies/voice.yaml extends default.yaml: its own version and digest, runs_in stage, all else the same."""
+    from llmmesh.common.safety import VOICE_POLICY_PATH
+
+    voice, default = load_policy(VOICE_POLICY_PATH), load_policy()
+    assert voice.classifier.runs_in == "stage" and default.classifier.runs_in == "triton"
+    assert voice.version != default.version and voice.digest != default.digest
+    assert voice.classifier.model_copy(update={"runs_in": "triton"}) == default.classifier
+    assert (voice.terms, voice.pii, voice.max_hold_chars) == (default.terms, default.pii, default.max_hold_chars)
+    assert [p.name for p in voice.files] == ["voice.yaml", "default.yaml"]
+
+
+def test_a_policy_that_extends_another_merges_mappings_and_replaces_the_rest(tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", MINIMAL.format(version="base") + "pii: {email: '[MAIL]', phone: null}\n")
+    child = _write(
+        tmp_path / "child.yaml",
+        'extends: base.yaml\nversion: "child"\nblocklist: {en: {profanity: [heck]}}\nclassifier: {threshold: 0.5}\n',
+    )
+    policy = load_policy(child)
+    assert policy.version == "child"
+    assert [t.term for t in policy.terms] == ["heck"]  # a list replaces the base's
+    assert (policy.classifier.threshold, policy.classifier.window_chars) == (0.5, 120)  # mappings merge
+    assert (policy.pii.email, policy.pii.phone) == ("[MAIL]", None)
+
+
+def test_extends_needs_its_own_version_an_existing_base_and_no_loop(tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", MINIMAL.format(version="base"))
+    no_version = _write(tmp_path / "a.yaml", "extends: base.yaml\nclassifier: {threshold: 0.5}\n")
+    with pytest.raises(PolicyError, match=r"a\.yaml: version"):
+        load_policy(no_version)
+    missing = _write(tmp_path / "b.yaml", 'extends: nowhere.yaml\nversion: "b"\n')
+    with pytest.raises(PolicyError, match=r"nowhere\.yaml: cannot read"):
+        load_policy(missing)
+    _write(tmp_path / "c.yaml", 'extends: d.yaml\nversion: "c"\n')
+    loop = _write(tmp_path / "d.yaml", 'extends: c.yaml\nversion: "d"\n')
+    with pytest.raises(PolicyError, match="leads back to itself"):
+        load_policy(loop)
+
+
+def test_the_store_reloads_when_the_extended_file_changes(tmp_path: Path) -> None:
+    base = _write(tmp_path / "base.yaml", MINIMAL.format(version="base-1"))
+    child = _write(tmp_path / "child.yaml", 'extends: base.yaml\nversion: "child"\nclassifier: {runs_in: stage}\n')
+    store = PolicyStore(child, check_interval=0.0)
+    assert store.current().classifier.threshold == 0.75
+    _write(base, MINIMAL.format(version="base-2").replace("0.75", "0.5"), bump=1)
+    policy = store.current()
+    assert (policy.version, policy.classifier.threshold, policy.classifier.runs_in) == ("child", 0.5, "stage")

@@ -19,6 +19,7 @@ from llmmesh.common.safety.classifier import (
 from llmmesh.common.safety.pii import PiiRedactor, luhn_valid
 from llmmesh.common.safety.policy import (
     DEFAULT_POLICY_PATH,
+    VOICE_POLICY_PATH,
     ClassifierSettings,
     PiiSettings,
     PolicyError,
@@ -30,6 +31,7 @@ from llmmesh.common.safety.stream import SafetyStream, SafetyVerdict, check_prom
 
 __all__ = [
     "DEFAULT_POLICY_PATH",
+    "VOICE_POLICY_PATH",
     "BlockedTerm",
     "Classifier",
     "ClassifierSettings",

@@ -3,6 +3,10 @@
 A policy is immutable once loaded. A stream keeps the policy it started with; `PolicyStore.current()`
 hands new streams the newest valid one, so an edit to the file reaches new responses within the
 check interval and never changes a response half-way.
+
+A file may start from another (`extends: default.yaml`, relative to itself) and name only what differs:
+mappings merge key by key, anything else (a list of terms, a number) replaces the other file's. It names
+its own `version`. A change to either file reloads the policy.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from llmmesh.common.safety.pii import PiiRedactor
 
 __all__ = [
     "DEFAULT_POLICY_PATH",
+    "VOICE_POLICY_PATH",
     "ClassifierSettings",
     "PiiSettings",
     "PolicyError",
@@ -32,6 +37,8 @@ __all__ = [
 ]
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("policies") / "default.yaml"
+# The voice layout's: the default with the classifier in the stage's process (`llmmesh up --voice`).
+VOICE_POLICY_PATH = DEFAULT_POLICY_PATH.with_name("voice.yaml")
 
 _Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -128,6 +135,8 @@ class SafetyPolicy:
         # First 12 hex digits of the file's SHA-256: tells two edits apart that kept the version.
         self.digest = digest
         self.path = path
+        # Every file it was read from: `path`, then what it extends (PolicyStore watches them all).
+        self.files: tuple[Path, ...] = (path,) if path is not None else ()
         self.max_hold_chars: int = raw.hold.max_chars
         self.terms: tuple[BlockedTerm, ...] = (
             *(
@@ -152,13 +161,45 @@ class SafetyPolicy:
         return f"SafetyPolicy(version={self.version!r}, digest={self.digest!r}, terms={len(self.terms)})"
 
 
-def _parse(data: bytes, where: str) -> _PolicyFile:
+_MAX_EXTENDS = 4
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        out[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return out
+
+
+def _read(file: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], tuple[Path, ...], bytes]:
+    """The file's mapping with what it extends merged under it; the files read (this one, then what it
+    extends) and their bytes. `seen`: the files that extend this one (a loop is an error)."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}") from None
     try:
         doc: Any = yaml.safe_load(data)
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{where}: not valid YAML: {exc}") from None
+        raise PolicyError(f"{file}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
-        raise PolicyError(f"{where}: the policy must be a mapping with a version")
+        raise PolicyError(f"{file}: the policy must be a mapping with a version")
+    base_name = doc.pop("extends", None)
+    if base_name is None:
+        return doc, (file,), data
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise PolicyError(f"{file}: extends: the path of another policy file, relative to this one")
+    if "version" not in doc:
+        raise PolicyError(f"{file}: version: a policy that extends another names its own version")
+    base = (file.parent / base_name.strip()).resolve()
+    if base in {f.resolve() for f in (file, *seen)} or len(seen) >= _MAX_EXTENDS:
+        raise PolicyError(f"{file}: extends: {base_name} leads back to itself or is more than {_MAX_EXTENDS} deep")
+    base_doc, base_files, base_data = _read(base, (file, *seen))
+    return _merged(base_doc, doc), (file, *base_files), data + b"\0" + base_data
+
+
+def _parse(doc: dict[str, Any], where: str) -> _PolicyFile:
     try:
         return _PolicyFile.model_validate(doc)
     except ValidationError as exc:
@@ -169,29 +210,32 @@ def _parse(data: bytes, where: str) -> _PolicyFile:
 
 
 def load_policy(path: str | Path | None = None, extra_terms: Iterable[BlockedTerm] = ()) -> SafetyPolicy:
-    """Reads, validates and compiles a policy file (None: the default policy shipped with llmmesh).
+    """Reads, validates and compiles a policy file (None: the default policy shipped with llmmesh), with the
+    file it extends, if any.
 
     `extra_terms` are added to the file's blocklist (the deployment's own terms from settings).
     """
     file = Path(path) if path is not None else DEFAULT_POLICY_PATH
+    doc, files, data = _read(file)
+    raw = _parse(doc, str(file))
     try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{file}: cannot read: {exc.strerror or exc}") from None
-    raw = _parse(data, str(file))
-    try:
-        return SafetyPolicy(raw, hashlib.sha256(data).hexdigest()[:12], file, tuple(extra_terms))
+        policy = SafetyPolicy(raw, hashlib.sha256(data).hexdigest()[:12], file, tuple(extra_terms))
     except ValueError as exc:
         raise PolicyError(f"{file}: {exc}") from None
+    policy.files = files
+    return policy
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    # The inode too: an atomic replace (write elsewhere, rename) may keep mtime and size.
-    return st.st_mtime_ns, st.st_size, st.st_ino
+def _stamp(paths: Iterable[Path]) -> tuple[tuple[int, int, int] | None, ...]:
+    def one(path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        # The inode too: an atomic replace (write elsewhere, rename) may keep mtime and size.
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    return tuple(one(p) for p in paths)
 
 
 class PolicyStore:
@@ -210,8 +254,10 @@ class PolicyStore:
         self.path = Path(path) if path is not None else DEFAULT_POLICY_PATH
         self._interval = check_interval
         self._extra = tuple(extra_terms)
-        self._stamp = _stamp(self.path)
+        # Stamped before reading: a change made while it is read is seen at the next check.
+        stamp = _stamp([self.path])
         self._policy = load_policy(self.path, self._extra)
+        self._stamp = stamp if self._policy.files == (self.path,) else _stamp(self._policy.files)
         self._next_check = time.monotonic() + check_interval
 
     def current(self) -> SafetyPolicy:
@@ -222,12 +268,15 @@ class PolicyStore:
         return self._policy
 
     def _reload_if_changed(self) -> None:
-        stamp = _stamp(self.path)
+        # The files the current policy came from; a reload that fails keeps watching those.
+        files = self._policy.files
+        stamp = _stamp(files)
         if stamp == self._stamp:
             return
         self._stamp = stamp
         try:
             policy = load_policy(self.path, self._extra)
+            self._stamp = _stamp(policy.files) if policy.files != files else stamp
         except PolicyError as exc:
             # A fresh logger each time (reloads are rare): one cached at import would miss test captures.
             get_logger(__name__).error(
