@@ -216,7 +216,7 @@ class StageClassifier:
 def classifier_for(url: str, model: str, header: str = "", policy: SafetyPolicy | None = None) -> StageClassifier:
     """The stage's classifiers: Triton's model at `url` (none without a URL: that layer is then skipped
     while the policy runs it in Triton) and the in-process one, loaded now when `policy` runs it there."""
-    local = LocalClassifier()
-    if policy is not None and policy.classifier.enabled and policy.classifier.runs_in == "stage":
-        local.load()
-    return StageClassifier(TritonClassifier(url, model, header=header) if url else None, local)
+    stage = StageClassifier(TritonClassifier(url, model, header=header) if url else None)
+    if policy is not None and stage.pick(policy) is stage.local:
+        stage.local.load()
+    return stage

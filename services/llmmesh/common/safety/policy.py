@@ -130,13 +130,20 @@ class _PolicyFile(_Frozen):
 class SafetyPolicy:
     """One loaded policy: its version, blocked terms (compiled), PII and classifier settings."""
 
-    def __init__(self, raw: _PolicyFile, digest: str, path: Path | None, extra_terms: Iterable[BlockedTerm] = ()):
+    def __init__(
+        self,
+        raw: _PolicyFile,
+        digest: str,
+        path: Path | None,
+        extra_terms: Iterable[BlockedTerm] = (),
+        files: tuple[Path, ...] = (),
+    ):
         self.version: str = raw.version
         # First 12 hex digits of the file's SHA-256: tells two edits apart that kept the version.
         self.digest = digest
         self.path = path
         # Every file it was read from: `path`, then what it extends (PolicyStore watches them all).
-        self.files: tuple[Path, ...] = (path,) if path is not None else ()
+        self.files: tuple[Path, ...] = files or ((path,) if path is not None else ())
         self.max_hold_chars: int = raw.hold.max_chars
         self.terms: tuple[BlockedTerm, ...] = (
             *(
@@ -219,11 +226,9 @@ def load_policy(path: str | Path | None = None, extra_terms: Iterable[BlockedTer
     doc, files, data = _read(file)
     raw = _parse(doc, str(file))
     try:
-        policy = SafetyPolicy(raw, hashlib.sha256(data).hexdigest()[:12], file, tuple(extra_terms))
+        return SafetyPolicy(raw, hashlib.sha256(data).hexdigest()[:12], file, tuple(extra_terms), files)
     except ValueError as exc:
         raise PolicyError(f"{file}: {exc}") from None
-    policy.files = files
-    return policy
 
 
 def _stamp(paths: Iterable[Path]) -> tuple[tuple[int, int, int] | None, ...]:
